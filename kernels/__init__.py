@@ -1,0 +1,7 @@
+"""Functional ops (``reformer.kernels``): pure-PyTorch references and Triton kernels.
+
+This package never imports from the ``reformer`` modules; they import from it.
+"""
+from .api import full_attention, resolve_backend, triton_available
+
+__all__ = ["full_attention", "resolve_backend", "triton_available"]

@@ -1,0 +1,60 @@
+"""Argument checks for the ``torch.nn`` modules: errors name the argument and what was expected."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def check_positive(name: str, value: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_heads(d_model: int, n_heads: int) -> int:
+    """Returns the head dim ``d_model // n_heads``."""
+    check_positive("d_model", d_model)
+    check_positive("n_heads", n_heads)
+    if d_model % n_heads:
+        raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+    return d_model // n_heads
+
+
+def check_dropout(p: float, name: str = "dropout") -> float:
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {p}")
+    return p
+
+
+def check_features(name: str, x: object, d_model: int) -> Tensor:
+    """``x`` is a floating ``(B, N, d_model)`` tensor."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, N, d_model), got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"{name} must have shape (B, N, d_model) (rank 3), got shape {tuple(x.shape)}")
+    if x.shape[-1] != d_model:
+        raise ValueError(f"{name} must have last dim d_model={d_model}, got {x.shape[-1]}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {x.dtype}")
+    return x
+
+
+def check_tokens(name: str, tokens: object, vocab_size: int, max_len: Optional[int] = None) -> Tensor:
+    """``tokens`` is an integer ``(B, N)`` tensor with ids in ``[0, vocab_size)``."""
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"{name} must be a LongTensor of shape (B, N), got {type(tokens).__name__}")
+    if tokens.dim() != 2:
+        raise ValueError(f"{name} must have shape (B, N) (rank 2), got shape {tuple(tokens.shape)}")
+    if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"{name} must hold integer token ids, got {tokens.dtype}")
+    if tokens.shape[1] < 1:
+        raise ValueError(f"{name} must have at least one position, got shape {tuple(tokens.shape)}")
+    if max_len is not None and tokens.shape[1] > max_len:
+        raise ValueError(f"{name} has length {tokens.shape[1]}, longer than max_len={max_len}")
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        raise ValueError(
+            f"{name} ids must be in [0, {vocab_size}), got range [{int(tokens.min())}, {int(tokens.max())}]"
+        )
+    return tokens
