@@ -1,7 +1,8 @@
-"""Token embedding and positional encodings."""
+"""Token embedding and positional encodings (sinusoidal, learned axial)."""
 from __future__ import annotations
 
 import math
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -51,3 +52,73 @@ class SinusoidalPositionalEncoding(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         check_features("x", x, self.d_model)
         return x + self.encoding(x.shape[1]).to(x.dtype)
+
+
+class AxialPositionalEncoding(nn.Module):
+    """Learned factorised ("axial") positions added to ``(B, N, d_model)`` inputs.
+
+    Position ``p`` is read in row-major order as a point ``(i_1, ..., i_k)`` of the grid
+    ``axial_shape = (n_1, ..., n_k)``, and axis ``j`` owns a learned table ``E_j`` of shape
+    ``(n_j, d_j)``. The encoding of ``p`` is
+
+    * ``axial_dims=None``: the sum ``E_1[i_1] + ... + E_k[i_k]`` (every ``d_j = d_model``);
+    * ``axial_dims=(d_1, ..., d_k)``: the concatenation ``[E_1[i_1], ..., E_k[i_k]]``, with
+      ``sum(axial_dims) == d_model`` (the Reformer paper's and trax's form).
+
+    So ``prod(axial_shape)`` positions cost ``sum_j n_j * d_j`` parameters instead of
+    ``prod(axial_shape) * d_model``. Any ``N <= prod(axial_shape)`` works: only the first
+    ``ceil(N / (n_2 * ... * n_k))`` rows of the first axis are expanded. Tables start as
+    N(0, 1) (concatenated) or N(0, 1/k) (summed), so each component has unit variance.
+    """
+
+    def __init__(self, d_model: int, axial_shape: Sequence[int], axial_dims: Optional[Sequence[int]] = None):
+        super().__init__()
+        self.d_model = check_positive("d_model", d_model)
+        self.axial_shape = _check_axes("axial_shape", axial_shape)
+        self.axial_dims = None if axial_dims is None else _check_axes("axial_dims", axial_dims, min_len=1)
+        if self.axial_dims is not None:
+            if len(self.axial_dims) != len(self.axial_shape):
+                raise ValueError(f"axial_dims {self.axial_dims} must have one entry per axis of {self.axial_shape}")
+            if sum(self.axial_dims) != d_model:
+                raise ValueError(f"axial_dims {self.axial_dims} must sum to d_model={d_model}, got {sum(self.axial_dims)}")
+        dims = self.axial_dims or (d_model,) * len(self.axial_shape)
+        std = 1.0 if self.axial_dims is not None else len(self.axial_shape) ** -0.5
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.randn(n, d) * std) for n, d in zip(self.axial_shape, dims)
+        )
+        self.max_len = math.prod(self.axial_shape)
+
+    def encoding(self, n: int) -> Tensor:
+        """The ``(n, d_model)`` table for positions ``0..n-1``."""
+        if n > self.max_len:
+            raise ValueError(f"sequence length {n} is longer than prod(axial_shape)={self.max_len} for {self.axial_shape}")
+        rows = -(-n // (self.max_len // self.axial_shape[0]))  # first-axis rows that are needed
+        grid = (rows, *self.axial_shape[1:])
+        parts = []
+        for axis, table in enumerate(self.weights):
+            table = table[:rows] if axis == 0 else table  # (n_axis, d_axis)
+            shape = [1] * len(grid) + [table.shape[-1]]
+            shape[axis] = table.shape[0]
+            parts.append(table.view(shape))  # broadcastable to (*grid, d_axis)
+        if self.axial_dims is None:
+            table = sum(parts[1:], parts[0])  # (*grid, d_model)
+        else:
+            table = torch.cat([p.expand(*grid, p.shape[-1]) for p in parts], dim=-1)  # (*grid, d_model)
+        return table.reshape(-1, self.d_model)[:n]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: ``(B, N, d_model)`` -> ``x + encoding(N)``, same shape, N <= prod(axial_shape)."""
+        check_features("x", x, self.d_model)
+        return x + self.encoding(x.shape[1]).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, axial_shape={self.axial_shape}, axial_dims={self.axial_dims}"
+
+
+def _check_axes(name: str, axes: object, min_len: int = 2) -> tuple[int, ...]:
+    """A tuple of at least ``min_len`` positive ints."""
+    if not isinstance(axes, (tuple, list)) or len(axes) < min_len:
+        raise ValueError(f"{name} must be a tuple of at least {min_len} positive ints, got {axes!r}")
+    for a in axes:
+        check_positive(name + " entries", a)
+    return tuple(axes)
