@@ -1,0 +1,112 @@
+"""``ReformerConfig``: every hyper-parameter of ``ReformerLM`` in one validated dataclass."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from ._validation import check_dropout, check_heads, check_positive
+
+ATTENTIONS = ("lsh", "full")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # for tests and demos: trains in seconds on a CPU
+    "tiny": dict(vocab_size=256, d_model=64, n_heads=4, depth=2, d_ff=128, max_seq_len=256,
+                 bucket_size=16, n_hashes=2, ff_chunks=2, axial_shape=(16, 16)),
+    # a small byte-level LM for 4K-token contexts
+    "small": dict(vocab_size=256, d_model=256, n_heads=4, depth=6, d_ff=1024, max_seq_len=4096,
+                  bucket_size=64, n_hashes=4, ff_chunks=4, axial_shape=(64, 64), dropout=0.1),
+    # the shape of the paper's enwik8 model: 12 layers, d_model 1024, d_ff 4096, 8 heads, 64K tokens
+    "enwik8-like": dict(vocab_size=256, d_model=1024, n_heads=8, depth=12, d_ff=4096, max_seq_len=65536,
+                        bucket_size=64, n_hashes=4, ff_chunks=64, axial_shape=(128, 512), dropout=0.1),
+}
+
+
+@dataclass(frozen=True)
+class ReformerConfig:
+    """Hyper-parameters of ``ReformerLM``; checked on construction, immutable afterwards.
+
+    Fields:
+        vocab_size: number of token ids. d_model: model width. n_heads: attention heads
+            (must divide d_model). depth: number of (attention, feed-forward) blocks.
+        d_ff: feed-forward hidden width. max_seq_len: longest accepted sequence.
+        attention: ``"lsh"`` (``LSHSelfAttention``) or ``"full"`` (``MultiHeadAttention``).
+        bucket_size, n_hashes: LSH chunk length and hash rounds (used when attention="lsh").
+        causal: position i sees only positions <= i (needed by ``loss`` and ``generate``).
+        reversible: reversible blocks (activation memory independent of depth) or the same
+            two-stream network with ordinary autograd.
+        ff_chunks: the feed-forward runs over this many slices of the positions (1 = whole).
+        axial_shape: learned axial positions over this grid (product >= max_seq_len;
+            d_model is split evenly across the axes, so it must be divisible by their count);
+            None = fixed sinusoidal positions.
+        dropout: dropout rate in attention, feed-forward, residual branches and embeddings.
+
+    Use ``dataclasses.replace(config, depth=12)`` to derive a changed (re-validated) copy.
+    """
+
+    vocab_size: int = 256
+    d_model: int = 256
+    n_heads: int = 4
+    depth: int = 6
+    d_ff: int = 1024
+    max_seq_len: int = 4096
+    attention: str = "lsh"
+    bucket_size: int = 64
+    n_hashes: int = 4
+    causal: bool = True
+    reversible: bool = True
+    ff_chunks: int = 1
+    axial_shape: Optional[tuple[int, ...]] = None
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_heads", "depth", "d_ff", "max_seq_len",
+                     "bucket_size", "n_hashes", "ff_chunks"):
+            check_positive(name, getattr(self, name))
+        check_heads(self.d_model, self.n_heads)
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        for name in ("causal", "reversible"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool):
+            raise TypeError(f"dropout must be a float in [0, 1), got {self.dropout!r}")
+        check_dropout(self.dropout)
+        if self.axial_shape is not None:
+            object.__setattr__(self, "axial_shape", self._checked_axial_shape())
+
+    def _checked_axial_shape(self) -> tuple[int, ...]:
+        shape = self.axial_shape
+        if not isinstance(shape, (tuple, list)) or len(shape) < 2:
+            raise ValueError(f"axial_shape must be None or a tuple of at least 2 positive ints, got {shape!r}")
+        for n in shape:
+            check_positive("axial_shape entries", n)
+        if math.prod(shape) < self.max_seq_len:
+            raise ValueError(
+                f"axial_shape {tuple(shape)} covers {math.prod(shape)} positions, fewer than "
+                f"max_seq_len={self.max_seq_len}; its product must be >= max_seq_len"
+            )
+        if self.d_model % len(shape):
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by len(axial_shape) ({len(shape)}): each axis "
+                f"gets an equal d_model/{len(shape)} slice of the axial positional encoding"
+            )
+        return tuple(shape)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def axial_dims(self) -> Optional[tuple[int, ...]]:
+        """Width of each axis' slice of the axial encoding (None without axial positions)."""
+        if self.axial_shape is None:
+            return None
+        return (self.d_model // len(self.axial_shape),) * len(self.axial_shape)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "ReformerConfig":
+        """A named preset (``"tiny"``, ``"small"``, ``"enwik8-like"``) with optional field overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown ReformerConfig preset {name!r}; choose from {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})

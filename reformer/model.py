@@ -1,0 +1,153 @@
+"""``ReformerLM``: a language model of reversible (attention, chunked feed-forward) blocks.
+
+    tokens (B, N) -> embedding + positions (B, N, d) -> ReversibleSequence of `depth` blocks
+    [f = PreNorm(attention), g = PreNorm(feed-forward)] over two streams -> concat (B, N, 2d)
+    -> LayerNorm(2d) -> Linear(2d, vocab) -> logits (B, N, vocab)
+
+As in trax's ReformerLM, the embedded input is duplicated into the two reversible streams and
+their final values are concatenated before the output norm and head.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from reformer.kernels._checks import check_key_padding_mask
+
+from ._validation import check_tokens
+from .attention import MultiHeadAttention
+from .config import ReformerConfig
+from .feedforward import ChunkedFeedForward, FeedForward
+from .positional import AxialPositionalEncoding, SinusoidalPositionalEncoding
+from .reversible import ReversibleSequence
+
+
+class PreNorm(nn.Module):
+    """A residual branch ``dropout(fn(LayerNorm(x), **fn_kwargs, **kwargs))``, ``(B, N, d) -> (B, N, d)``.
+
+    The residual addition itself is done by the reversible coupling.
+    """
+
+    def __init__(self, d_model: int, fn: nn.Module, dropout: float = 0.0, **fn_kwargs: Any):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.fn = fn
+        self.dropout = nn.Dropout(dropout)
+        self.fn_kwargs = fn_kwargs
+
+    def forward(self, x: Tensor, **kwargs: Any) -> Tensor:
+        return self.dropout(self.fn(self.norm(x), **self.fn_kwargs, **kwargs))
+
+
+def build_attention(config: ReformerConfig) -> PreNorm:
+    """The ``f`` branch: pre-norm LSH or full self-attention, causal per the config."""
+    if config.attention == "lsh":
+        from .lsh_attention import LSHSelfAttention
+
+        attn = LSHSelfAttention(config.d_model, config.n_heads, bucket_size=config.bucket_size,
+                                n_hashes=config.n_hashes, causal=config.causal, dropout=config.dropout)
+        return PreNorm(config.d_model, attn, config.dropout)
+    attn = MultiHeadAttention(config.d_model, config.n_heads, dropout=config.dropout)
+    return PreNorm(config.d_model, attn, config.dropout, causal=config.causal)
+
+
+def build_feedforward(config: ReformerConfig) -> PreNorm:
+    """The ``g`` branch: pre-norm feed-forward, chunked when ``ff_chunks > 1``."""
+    if config.ff_chunks > 1:
+        ff = ChunkedFeedForward(config.d_model, config.d_ff, config.ff_chunks, dropout=config.dropout)
+    else:
+        ff = FeedForward(config.d_model, config.d_ff, dropout=config.dropout)
+    return PreNorm(config.d_model, ff, config.dropout)
+
+
+class ReformerLM(nn.Module):
+    """Reformer language model built from a ``ReformerConfig`` (see the module docstring)."""
+
+    def __init__(self, config: ReformerConfig):
+        super().__init__()
+        if not isinstance(config, ReformerConfig):
+            raise TypeError(f"config must be a ReformerConfig, got {type(config).__name__}")
+        self.config = config
+        d = config.d_model
+        self.token_emb = nn.Embedding(config.vocab_size, d)
+        if config.axial_shape is not None:
+            self.pos_enc = AxialPositionalEncoding(d, config.axial_shape, config.axial_dims)
+        else:
+            self.pos_enc = SinusoidalPositionalEncoding(d, config.max_seq_len)
+        self.emb_dropout = nn.Dropout(config.dropout)
+        blocks = ((build_attention(config), build_feedforward(config)) for _ in range(config.depth))
+        self.layers = ReversibleSequence(blocks, reversible=config.reversible)
+        self.norm = nn.LayerNorm(2 * d)
+        self.head = nn.Linear(2 * d, config.vocab_size)
+
+    def hidden(self, tokens: Tensor, *, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """tokens ``(B, N)`` ids, N <= max_seq_len -> normalised features ``(B, N, 2 * d_model)``.
+
+        key_padding_mask: ``(B, N)`` bool, True = padding (ignored as attention keys).
+        """
+        check_tokens("tokens", tokens, self.config.vocab_size, self.config.max_seq_len)
+        mask = check_key_padding_mask(key_padding_mask, tokens.shape[0], tokens.shape[1], tokens.device)
+        x = self.emb_dropout(self.pos_enc(self.token_emb(tokens.long())))  # (B, N, d)
+        kwargs = {} if mask is None else {"key_padding_mask": mask}
+        return self.norm(self.layers(x, **kwargs))  # (B, N, 2d)
+
+    def forward(self, tokens: Tensor, *, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """tokens ``(B, N)`` -> logits ``(B, N, vocab_size)``; mask as in ``hidden``."""
+        return self.head(self.hidden(tokens, key_padding_mask=key_padding_mask))
+
+    def loss(self, tokens: Tensor) -> Tensor:
+        """Mean next-token cross-entropy of ``tokens`` ``(B, N)``, N >= 2: position i predicts i + 1."""
+        self._check_causal("loss")
+        check_tokens("tokens", tokens, self.config.vocab_size, self.config.max_seq_len)
+        if tokens.shape[1] < 2:
+            raise ValueError(f"tokens must have at least 2 positions for a next-token loss, got {tokens.shape[1]}")
+        logits = self(tokens)[:, :-1]  # (B, N-1, V)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1).long())
+
+    @torch.no_grad()
+    def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> Tensor:
+        """Sample ``max_new_tokens`` tokens after ``prompt`` ``(B, Np)``; returns ``(B, Np + max_new_tokens)``.
+
+        Each step samples from ``softmax(logits / temperature)`` restricted to the ``top_k`` most
+        likely ids (all ids when None), with ``generator`` (a ``torch.Generator`` on the model's
+        device) or the global RNG. The model attends to at most the last ``max_seq_len`` tokens.
+        Runs in eval mode (no dropout) and restores the previous mode afterwards.
+        """
+        self._check_causal("generate")
+        check_tokens("prompt", prompt, self.config.vocab_size, self.config.max_seq_len)
+        _check_sampling(max_new_tokens, temperature, top_k, generator)
+        was_training = self.training
+        self.eval()
+        try:
+            tokens = prompt.long()
+            for _ in range(max_new_tokens):
+                context = tokens[:, -self.config.max_seq_len:]
+                logits = self.head(self.hidden(context)[:, -1]).float() / temperature  # (B, V)
+                if top_k is not None and top_k < logits.shape[-1]:
+                    kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                next_token = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)  # (B, 1)
+                tokens = torch.cat([tokens, next_token], dim=1)
+        finally:
+            self.train(was_training)
+        return tokens
+
+    def _check_causal(self, what: str) -> None:
+        if not self.config.causal:
+            raise ValueError(f"{what} needs a causal model (config.causal=True): otherwise position i sees its target")
+
+
+def _check_sampling(max_new_tokens: int, temperature: float, top_k: Optional[int],
+                    generator: Optional[torch.Generator]) -> None:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
