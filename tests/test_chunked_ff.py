@@ -1,0 +1,117 @@
+"""ChunkedFeedForward: same outputs, gradients and state_dict as FeedForward; dropout replays
+exactly in the backward recompute; the (positions, d_ff) hidden tensor never exists whole."""
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from reformer import ChunkedFeedForward, FeedForward
+
+
+def grads(module, x, out):
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    return torch.autograd.grad((out * weights).sum(), (x, *module.parameters()))
+
+
+@pytest.mark.parametrize("shape, chunks, activation", [
+    ((2, 37, 12), 5, "relu"),  # chunks do not divide B*N
+    ((3, 8, 12), 1, "gelu"),
+    ((1, 3, 12), 8, "relu"),  # more chunks than positions
+    ((4, 12), 3, "gelu"),  # any leading shape
+])
+def test_matches_feedforward(shape, chunks, activation):
+    torch.manual_seed(0)
+    ref = FeedForward(12, 40, activation=activation).double()
+    chunked = ChunkedFeedForward(12, 40, chunks, activation=activation).double()
+    chunked.load_state_dict(ref.state_dict())
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    out_ref, out = ref(x), chunked(x)
+    torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
+    for g, g_ref in zip(grads(chunked, x, out), grads(ref, x, out_ref)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_state_dict_moves_both_ways():
+    ref, chunked = FeedForward(8, 16), ChunkedFeedForward(8, 16, 4)
+    assert ref.state_dict().keys() == chunked.state_dict().keys()
+    ref.load_state_dict(chunked.state_dict())
+    chunked.load_state_dict(FeedForward(8, 16).state_dict())
+
+
+def naive_chunks(module, x):
+    """The same chunks under ordinary autograd: draws the same dropout masks in the same order."""
+    flat = x.reshape(-1, module.d_model)
+    return torch.cat([FeedForward.forward(module, c) for c in flat.tensor_split(module.chunks)]).view_as(x)
+
+
+def test_dropout_replays_exactly_in_backward():
+    torch.manual_seed(0)
+    module = ChunkedFeedForward(10, 64, 3, dropout=0.4).double().train()
+    x = torch.randn(2, 11, 10, dtype=torch.float64, requires_grad=True)
+
+    torch.manual_seed(123)
+    out = module(x)
+    got = grads(module, x, out)
+    after_chunked = torch.rand(4)  # backward must not disturb the global RNG stream
+
+    torch.manual_seed(123)
+    out_ref = naive_chunks(module, x)
+    expected = grads(module, x, out_ref)
+    after_ref = torch.rand(4)
+
+    with torch.no_grad():
+        assert not torch.allclose(out, module.eval()(x))  # dropout really acted
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
+    for g, g_ref in zip(got, expected):
+        torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(after_chunked, after_ref, rtol=0, atol=0)
+
+
+class _HiddenSizes(TorchDispatchMode):
+    """Records the row count of every tensor an op returns whose last dim is ``d_ff``."""
+
+    def __init__(self, d_ff):
+        super().__init__()
+        self.d_ff, self.rows = d_ff, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[-1] == self.d_ff:
+                self.rows.append(t.shape[0])
+        return out
+
+
+@pytest.mark.parametrize("cls_args, bound", [((FeedForward, ()), 64), ((ChunkedFeedForward, (8,)), 8)])
+def test_hidden_never_exists_whole(cls_args, bound):
+    """Forward and backward: no (rows, d_ff) tensor with more than B*N/chunks rows (FeedForward: all 64)."""
+    cls, extra = cls_args
+    module = cls(6, 48, *extra, dropout=0.2).train()
+    x = torch.randn(4, 16, 6, requires_grad=True)
+    with _HiddenSizes(48) as fwd:
+        out = module(x)
+    with _HiddenSizes(48) as bwd:
+        out.sum().backward()
+    assert fwd.rows and bwd.rows  # the probe saw the hidden activations and their gradients
+    assert max(fwd.rows) == bound and max(bwd.rows) == bound
+
+
+def test_saves_only_its_input():
+    module = ChunkedFeedForward(6, 48, 4, dropout=0.2).train()
+    x = torch.randn(2, 16, 6, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        module(x)
+    parameters = {p.shape for p in module.parameters()}
+    activations = [s for s in saved if s not in parameters]
+    assert sum(math.prod(s) for s in activations) <= x.numel()
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="chunks"):
+        ChunkedFeedForward(8, 16, 0)
+    with pytest.raises(ValueError, match="activation"):
+        ChunkedFeedForward(8, 16, 2, activation="tanh")
+    with pytest.raises(ValueError, match="d_model=8"):
+        ChunkedFeedForward(8, 16, 2)(torch.zeros(2, 3, 5))
