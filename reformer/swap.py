@@ -1,0 +1,206 @@
+"""Model surgery: put the Reformer's layers into an existing ``nn.Module``.
+
+* :func:`swap_attention` replaces self-attention ``nn.MultiheadAttention`` modules with
+  ``LSHMultiheadAttention`` (same call signature, weights kept) and leaves cross-attention alone.
+* :func:`swap_positional` replaces positional encodings with ``AxialPositionalEncoding``.
+* :func:`make_reversible` (in ``reformer.swap_reversible``) turns a stack of pre-norm residual
+  blocks into a ``ReversibleSequence``.
+
+Each returns or prints a :class:`SwapReport` naming every module it touched or left alone, and why.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Optional, Sequence
+
+from torch import nn
+
+from .positional import AxialPositionalEncoding, SinusoidalPositionalEncoding
+
+ATTENTIONS = ("lsh",)
+POSITIONAL_EMBEDDING_NAMES = ("wpe", "position_embeddings", "pos_emb", "pos_embedding", "positional_embedding",
+                              "embed_positions")
+
+
+@dataclass(frozen=True)
+class SwapEntry:
+    """One module considered: its qualified name, ``action`` (``"swapped"``/``"skipped"``) and why."""
+
+    name: str
+    action: str
+    detail: str
+
+
+@dataclass
+class SwapReport:
+    """Modules swapped and skipped, in model order; ``print(report)`` shows a table."""
+
+    title: str
+    entries: list[SwapEntry] = field(default_factory=list)
+
+    def add(self, name: str, action: str, detail: str) -> None:
+        self.entries.append(SwapEntry(name, action, detail))
+
+    @property
+    def swapped(self) -> list[str]:
+        """Qualified names of the replaced modules."""
+        return [e.name for e in self.entries if e.action == "swapped"]
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Qualified name -> why it was left alone."""
+        return {e.name: e.detail for e in self.entries if e.action == "skipped"}
+
+    def __str__(self) -> str:
+        lines = [f"{self.title}: {len(self.swapped)} swapped, {len(self.skipped)} skipped"]
+        width = max((len(e.name) for e in self.entries), default=0)
+        lines += [f"  {e.action:<8} {e.name:<{width}}  {e.detail}" for e in self.entries]
+        return "\n".join(lines)
+
+
+def _named_children_of_type(model: nn.Module, kind: type) -> Iterator[tuple[str, nn.Module, str, nn.Module]]:
+    """``(qualified name, parent, attribute, module)`` for every submodule of type ``kind``."""
+    for parent_name, parent in list(model.named_modules()):
+        for attr, child in list(parent.named_children()):
+            if isinstance(child, kind):
+                yield (f"{parent_name}.{attr}" if parent_name else attr), parent, attr, child
+
+
+def _matches(name: str, patterns: Optional[Iterable[str]]) -> bool:
+    return patterns is not None and any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _cross_attention_reason(parent: nn.Module, attr: str, mha: nn.MultiheadAttention) -> Optional[str]:
+    """Why ``parent.attr`` is cross-attention, or None when it is taken as self-attention."""
+    if isinstance(parent, nn.TransformerDecoderLayer) and attr == "multihead_attn":
+        return "cross-attention (TransformerDecoderLayer.multihead_attn attends to the memory)"
+    if not mha._qkv_same_embed_dim:
+        return f"cross-attention (kdim={mha.kdim}, vdim={mha.vdim} differ from embed_dim={mha.embed_dim})"
+    if "cross" in attr.lower():
+        return f"cross-attention (attribute name {attr!r} contains 'cross')"
+    return None
+
+
+def swap_attention(
+    model: nn.Module,
+    *,
+    attention: str = "lsh",
+    bucket_size: int = 64,
+    n_hashes: int = 4,
+    seed: Optional[int] = None,
+    include: Optional[Sequence[str]] = None,
+    exclude: Optional[Sequence[str]] = None,
+) -> SwapReport:
+    """Replace, in place, each self-attention ``nn.MultiheadAttention`` of ``model`` by
+    ``LSHMultiheadAttention.from_torch(mha, bucket_size=..., n_hashes=..., seed=...)``.
+
+    The new module takes the same arguments and returns the same ``(output, None)`` as the
+    old one (``need_weights=False``); it is shared-QK attention, so the old query projection
+    becomes the shared query/key projection, the value and output projections are kept and the
+    key projection is dropped. ``batch_first``, device and dtype are kept.
+
+    Which modules are self-attention (the rule, applied in this order):
+
+    1. names (as in ``model.named_modules()``) matching a glob in ``exclude`` are skipped;
+       with ``include`` given, only names matching one of its globs are considered;
+    2. ``nn.TransformerDecoderLayer.multihead_attn`` is cross-attention: skipped;
+    3. a module with ``kdim``/``vdim`` different from ``embed_dim`` is cross-attention: skipped;
+    4. a module whose attribute name contains ``"cross"`` is cross-attention: skipped;
+    5. every other ``nn.MultiheadAttention`` (e.g. ``TransformerEncoderLayer.self_attn``,
+       ``TransformerDecoderLayer.self_attn``, a user block's ``attn``) is self-attention: swapped.
+
+    A module misjudged as self-attention fails loudly: ``LSHMultiheadAttention`` raises when
+    called with ``key`` different from ``query``. Use ``exclude`` (or ``include``) to steer.
+
+    Returns:
+        a :class:`SwapReport` listing the swapped and the skipped modules with reasons.
+    """
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    from .lsh_attention import LSHMultiheadAttention
+
+    report = SwapReport("swap_attention")
+    for name, parent, attr, mha in _named_children_of_type(model, nn.MultiheadAttention):
+        if _matches(name, exclude) or (include is not None and not _matches(name, include)):
+            report.add(name, "skipped", "excluded by include/exclude")
+            continue
+        reason = _cross_attention_reason(parent, attr, mha)
+        if reason is not None:
+            report.add(name, "skipped", reason)
+            continue
+        new = LSHMultiheadAttention.from_torch(mha, bucket_size=bucket_size, n_hashes=n_hashes, seed=seed)
+        new.train(mha.training)
+        setattr(parent, attr, new)
+        report.add(name, "swapped", f"nn.MultiheadAttention -> LSHMultiheadAttention "
+                                    f"(bucket_size={bucket_size}, n_hashes={n_hashes}, shared-QK from q_proj)")
+    if not report.entries:
+        raise ValueError("model has no torch.nn.MultiheadAttention module to swap")
+    return report
+
+
+class AxialPositionEmbedding(nn.Module):
+    """Axial positions behind ``nn.Embedding``'s interface: position ids ``(...)`` -> ``(..., d_model)``.
+
+    For models that look a learned positional table up by index (GPT-2's ``wpe``, BERT's
+    ``position_embeddings``); ids must be below ``prod(axial_shape)``.
+    """
+
+    def __init__(self, d_model: int, axial_shape: Sequence[int], axial_dims: Optional[Sequence[int]] = None):
+        super().__init__()
+        self.axial = AxialPositionalEncoding(d_model, axial_shape, axial_dims)
+
+    def forward(self, position_ids):
+        if position_ids.numel() == 0:
+            return self.axial.encoding(1)[position_ids]
+        return self.axial.encoding(int(position_ids.max()) + 1)[position_ids]
+
+
+def _positional_replacement(name: str, module: nn.Module, axial_shape: Sequence[int],
+                            axial_dims: Optional[Sequence[int]]) -> tuple[nn.Module, str]:
+    """The axial module for a sinusoidal encoding or a positional ``nn.Embedding``, and a note."""
+    size = 1
+    for n in axial_shape:
+        size *= n
+    if isinstance(module, SinusoidalPositionalEncoding):
+        new, old_len, kind = AxialPositionalEncoding(module.d_model, axial_shape, axial_dims), module.max_len, "Sinusoidal"
+    else:
+        new = AxialPositionEmbedding(module.embedding_dim, axial_shape, axial_dims)
+        old_len, kind = module.num_embeddings, "nn.Embedding"
+        if size < old_len:
+            raise ValueError(f"{name}: axial_shape {tuple(axial_shape)} covers {size} positions, fewer than "
+                             f"the {old_len} of the embedding table it replaces")
+    return new, f"{kind} (max {old_len}) -> axial {tuple(axial_shape)} (max {size}; new parameters, randomly initialised)"
+
+
+def swap_positional(
+    model: nn.Module,
+    axial_shape: Sequence[int],
+    *,
+    axial_dims: Optional[Sequence[int]] = None,
+    names: Optional[Sequence[str]] = None,
+) -> SwapReport:
+    """Replace, in place, positional encodings of ``model`` by learned axial positions.
+
+    Targets: every ``SinusoidalPositionalEncoding`` (replaced by ``AxialPositionalEncoding``,
+    which is also added to ``(B, N, d_model)`` inputs) and every ``nn.Embedding`` whose
+    attribute name is one of ``POSITIONAL_EMBEDDING_NAMES`` (replaced by
+    :class:`AxialPositionEmbedding`, which is also indexed by position ids). ``names`` (globs on
+    qualified names) overrides that choice. The axial tables are new parameters: fine-tune after.
+    """
+    report = SwapReport("swap_positional")
+    for name, parent, attr, module in _named_children_of_type(model, (SinusoidalPositionalEncoding, nn.Embedding)):
+        chosen = _matches(name, names) if names is not None else (
+            isinstance(module, SinusoidalPositionalEncoding) or attr in POSITIONAL_EMBEDDING_NAMES)
+        if not chosen:
+            report.add(name, "skipped", f"{type(module).__name__} not taken as a positional table")
+            continue
+        new, note = _positional_replacement(name, module, axial_shape, axial_dims)
+        ref = next(module.parameters(), None) if isinstance(module, nn.Embedding) else module.pe
+        setattr(parent, attr, new.to(device=ref.device, dtype=ref.dtype))
+        report.add(name, "swapped", note)
+    if not report.swapped:
+        raise ValueError(f"no positional encoding found to swap in {type(model).__name__}\n{report}")
+    return report
