@@ -94,3 +94,38 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"k and v must have the same length Nk, got {k.shape[2]} and {v.shape[2]}")
     if q.shape[2] < 1 or k.shape[2] < 1:
         raise ValueError(f"sequence lengths must be >= 1, got Nq={q.shape[2]}, Nk={k.shape[2]}")
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """``value`` is an int >= 1 (bools rejected)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_lsh_inputs(qk: Tensor, v: Tensor) -> None:
+    """``qk`` and ``v`` are ``(B, H, N, D)`` tensors of one shape, dtype and device, N, D >= 1."""
+    check_tensor("qk", qk, 4, "(B, H, N, D)")
+    check_tensor("v", v, 4, "(B, H, N, D)")
+    check_same("qk and v", qk, v)
+    if qk.shape != v.shape:
+        raise ValueError(f"qk and v must have the same shape (B, H, N, D), got {tuple(qk.shape)} and {tuple(v.shape)}")
+    if qk.shape[2] < 1 or qk.shape[3] < 1:
+        raise ValueError(f"qk must have N >= 1 and D >= 1, got shape {tuple(qk.shape)}")
+
+
+def check_rotations(rotations: object, heads: int, dim: int, n_hashes: int, qk: Tensor,
+                    n_buckets: Optional[int] = None) -> Tensor:
+    """``rotations`` is a floating ``(H, D, n_hashes, n_buckets // 2)`` tensor on ``qk``'s device
+    (any last dim >= 1 when ``n_buckets`` is None)."""
+    if not isinstance(rotations, Tensor):
+        raise TypeError(f"rotations must be a tensor of shape (H, D, n_hashes, n_buckets/2), got {type(rotations).__name__}")
+    if not rotations.is_floating_point():
+        raise TypeError(f"rotations must be floating point, got {rotations.dtype}")
+    half = n_buckets // 2 if n_buckets is not None else (rotations.shape[-1] if rotations.dim() == 4 else "n_buckets/2")
+    expected = (heads, dim, n_hashes, half)
+    if tuple(rotations.shape) != expected or rotations.shape[3] < 1:
+        raise ValueError(f"rotations must have shape (H, D, n_hashes, n_buckets/2) = {expected}, got {tuple(rotations.shape)}")
+    if rotations.device != qk.device:
+        raise ValueError(f"rotations must be on qk's device {qk.device}, got {rotations.device}")
+    return rotations

@@ -8,11 +8,22 @@ interpreter).
 from __future__ import annotations
 
 import importlib.util
-from typing import Optional
+from types import ModuleType
+from typing import Optional, Union
 
 from torch import Tensor
 
-from ._checks import check_attention_inputs, check_attn_mask, check_backend, check_key_padding_mask
+from ._checks import (
+    check_attention_inputs,
+    check_attn_mask,
+    check_backend,
+    check_key_padding_mask,
+    check_lsh_inputs,
+    check_positive_int,
+    check_rotations,
+    check_tensor,
+)
+from .lsh_common import default_n_buckets, hash_buckets, lsh_attention_rounds, make_rotations
 from .ref_full import full_attention_torch
 
 
@@ -72,3 +83,90 @@ def full_attention(
     return full_attention_torch(
         q, k, v, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask, dropout_p=dropout_p
     )
+
+
+def lsh_attention(
+    qk: Tensor,
+    v: Tensor,
+    *,
+    bucket_size: int = 64,
+    n_hashes: int = 4,
+    causal: bool = False,
+    key_padding_mask: Optional[Tensor] = None,
+    rotations: Optional[Tensor] = None,
+    seed: Optional[int] = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Shared-QK LSH attention (Reformer), O(N * bucket_size * n_hashes) time and memory.
+
+    Each hash round sorts the positions by (bucket, position), cuts them into chunks of
+    ``bucket_size`` and lets every chunk attend to itself and the chunk before it; rounds are
+    combined by their log-sum-exp. Semantics: DESIGN.md rules 1-7 (keys are ``qk`` normalised
+    to unit norm; a position attends to itself only when it has no other permitted key; with
+    ``bucket_size >= N`` this equals full shared-QK attention). Rounds are NOT de-duplicated: a
+    key found in k rounds is counted k times (the paper's basic scheme, as in trax and HF).
+
+    Args:
+        qk: ``(B, H, N, D)`` shared queries/keys. v: ``(B, H, N, D)`` values. Any N >= 1.
+        bucket_size: chunk length; ``n_buckets`` defaults to ``2 * ceil(N / bucket_size)``.
+        n_hashes: number of hash rounds.
+        causal: position i attends only to positions <= i.
+        key_padding_mask: ``(B, N)`` bool, True = padding: ignored as a key, output 0.
+        rotations: ``(H, D, n_hashes, n_buckets // 2)`` random rotations (sets ``n_buckets``).
+        seed: without ``rotations``, draw them from a CPU generator seeded with ``seed``;
+            with neither, from the global RNG of qk's device.
+        backend: ``"torch"``, ``"triton"`` or ``"auto"``.
+        return_lse: also return the per-position log-sum-exp ``(B, H, N)`` of the combined
+            softmax (float32, float64 for float64 inputs; -inf at padded positions).
+
+    Returns:
+        ``(B, H, N, D)`` in qk's dtype (and the lse when ``return_lse``). Rows with no
+        permitted key (padded positions) are 0, never NaN.
+    """
+    check_lsh_inputs(qk, v)
+    b, h, n, d = qk.shape
+    bucket_size = check_positive_int("bucket_size", bucket_size)
+    n_hashes = check_positive_int("n_hashes", n_hashes)
+    key_padding_mask = check_key_padding_mask(key_padding_mask, b, n, qk.device)
+    if rotations is None:
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        rotations = make_rotations(h, d, n_hashes, default_n_buckets(n, bucket_size), seed=seed, device=qk.device)
+    elif seed is not None:
+        raise ValueError("give either rotations or seed, not both")
+    else:
+        rotations = check_rotations(rotations, h, d, n_hashes, qk)
+    out, lse = lsh_attention_rounds(
+        qk, v, core=_lsh_core(resolve_backend(backend, qk)), bucket_size=bucket_size, causal=bool(causal),
+        key_padding_mask=key_padding_mask, rotations=rotations,
+    )
+    return (out, lse) if return_lse else out
+
+
+def lsh_buckets(qk: Tensor, *, n_buckets: int, n_hashes: int, rotations: Tensor) -> Tensor:
+    """LSH bucket of every position, head and round: ``argmax([x R ; -x R])`` with
+    ``R = rotations[h, :, r]`` (ties go to the lowest index).
+
+    qk: ``(B, H, N, D)``; rotations: ``(H, D, n_hashes, n_buckets // 2)``; n_buckets even >= 2.
+    Returns a LongTensor ``(B, H, n_hashes, N)`` with values in ``[0, n_buckets)``. Computed in
+    float32 for float16/bfloat16 inputs.
+    """
+    check_tensor("qk", qk, 4, "(B, H, N, D)")
+    n_hashes = check_positive_int("n_hashes", n_hashes)
+    if check_positive_int("n_buckets", n_buckets) % 2:
+        raise ValueError(f"n_buckets must be even (buckets come in +/- pairs), got {n_buckets}")
+    _, h, _, d = qk.shape
+    rotations = check_rotations(rotations, h, d, n_hashes, qk, n_buckets=n_buckets)
+    return hash_buckets(qk, rotations)
+
+
+def _lsh_core(backend: str) -> ModuleType:
+    """The module providing the per-round ``fwd``/``bwd`` core for a resolved backend."""
+    if backend == "triton":
+        from . import triton_lsh
+
+        return triton_lsh
+    from . import ref_lsh
+
+    return ref_lsh
