@@ -86,14 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def check_args(args: argparse.Namespace) -> None:
+    """Raise ValueError for option values the parser's types do not rule out."""
     for name in ("seq_len", "steps", "batch_size", "grad_accum", "log_every", "eval_batches", "save_every"):
         if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0 or args.eval_every < 0 or args.grad_clip < 0:
-        p.error("--warmup, --eval-every and --grad-clip must be >= 0")
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("warmup", "eval_every", "grad_clip"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 0.0 <= args.min_lr_ratio <= 1.0:
-        p.error(f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio}")
+        raise ValueError(f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio}")
 
 
 def model_config(args: argparse.Namespace, vocab_size: int) -> ReformerConfig:
@@ -130,18 +132,17 @@ def _run_meta(args: argparse.Namespace, config: ReformerConfig) -> dict[str, Any
             "seed": args.seed}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
-    """Run the CLI; returns the evaluation records (also written to ``<out>/log.jsonl``)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _check_args(parser, args)
+def run(args: argparse.Namespace) -> Trainer:
+    """Train as ``args`` (from :func:`build_parser`) say; returns the finished :class:`Trainer`
+    (its ``history`` holds the logged records, also written to ``<out>/log.jsonl``)."""
+    check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     ctx = DistContext.from_env()
     try:
         if args.batch_size % (ctx.world_size * args.grad_accum):
-            parser.error(f"--batch-size {args.batch_size} must be divisible by world size x --grad-accum "
-                         f"= {ctx.world_size * args.grad_accum}")
+            raise ValueError(f"--batch-size {args.batch_size} must be divisible by world size x --grad-accum "
+                             f"= {ctx.world_size * args.grad_accum}")
         task = make_task(args.task, args.seq_len, seed=args.seed, vocab_size=args.vocab_size,
                          text_path=args.text, text_pattern=args.text_pattern, max_bytes=args.max_bytes)
         torch.manual_seed(args.seed)  # the program's seed: identical on every rank (see train_loop)
@@ -156,9 +157,20 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
         trainer = Trainer(model, optimizer, scheduler, task, opts, ctx, _run_meta(args, config))
         if args.resume is not None:
             trainer.resume(trainer.checkpoint_path if args.resume == "auto" else Path(args.resume))
-        return trainer.fit()
+        trainer.fit()
+        return trainer
     finally:
         ctx.close()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    run(args)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,21 @@ class DistContext:
             dist.all_reduce(x, op=dist.ReduceOp.SUM)
         return x
 
+    def check_replicas(self, model: nn.Module) -> None:
+        """Raise if the ranks' parameters differ (gradients not synchronised): compares every
+        parameter's float64 sum across ranks, exactly. A no-op in one process."""
+        if not self.distributed:
+            return
+        sums = torch.stack([p.detach().double().sum() for p in model.parameters()]).to(self.device)
+        gathered = [torch.empty_like(sums) for _ in range(self.world_size)]
+        dist.all_gather(gathered, sums)
+        names = [n for n, _ in model.named_parameters()]
+        for rank, other in enumerate(gathered):
+            if not torch.equal(other, sums):
+                bad = names[int((other != sums).nonzero()[0])]
+                raise RuntimeError(f"rank {rank} and rank {self.rank} hold different parameters (first: {bad}): "
+                                   "gradients were not synchronised")
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

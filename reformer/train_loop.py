@@ -122,6 +122,7 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.task, self.opts, self.ctx, self.meta = task, opts, ctx, meta
         self.step = 0
+        self.history: list[dict[str, Any]] = []
 
     @property
     def checkpoint_path(self) -> Path:
@@ -137,6 +138,7 @@ class Trainer:
                 "rng": capture_rng_state()}
 
     def save(self) -> None:
+        self.ctx.check_replicas(self.model)
         if self.ctx.is_main:
             save_checkpoint(self.state_dict(), self.checkpoint_path)
         self.ctx.barrier()
@@ -161,6 +163,7 @@ class Trainer:
         self.log_path.write_text("".join(line + "\n" for line in kept))
 
     def _log(self, record: dict[str, Any], bar: tqdm) -> None:
+        self.history.append(record)
         if not self.ctx.is_main:
             return
         with self.log_path.open("a") as f:
@@ -178,16 +181,16 @@ class Trainer:
         self.step += 1
         return stats
 
-    def fit(self) -> list[dict[str, Any]]:
+    def fit(self) -> None:
         """Train until ``opts.steps`` (or ``opts.stop_at``), checkpointing every ``save_every``
-        steps and at the end; returns the evaluation records."""
+        steps and at the end; records go to ``history`` (and the log file)."""
         opts, ctx = self.opts, self.ctx
         end = opts.steps if opts.stop_at is None else min(opts.stop_at, opts.steps)
         if ctx.is_main:
             opts.out_dir.mkdir(parents=True, exist_ok=True)
         model = ctx.wrap(self.model)
         model.train()
-        meter, evals = _Meter(opts.batch_size * self.task.seq_len), []
+        meter = _Meter(opts.batch_size * self.task.seq_len)
         with tqdm(total=opts.steps, initial=self.step, disable=not ctx.is_main, unit="step", dynamic_ncols=True,
                   mininterval=1.0) as bar:
             while self.step < end:
@@ -198,11 +201,9 @@ class Trainer:
                     self._log({"step": self.step, **meter.summary(ctx), "lr": lr}, bar)
                 if opts.eval_every and self.step % opts.eval_every == 0:
                     metrics = evaluate(model, self.task, opts, ctx)
-                    evals.append({"step": self.step, **{f"eval_{k}": v for k, v in metrics.items()}})
-                    self._log(evals[-1], bar)
+                    self._log({"step": self.step, **{f"eval_{k}": v for k, v in metrics.items()}}, bar)
                 if self.step % opts.save_every == 0 or self.step == end:
                     self.save()
-        return evals
 
 
 class _Meter:
