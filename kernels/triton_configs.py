@@ -1,0 +1,129 @@
+"""Launch plumbing shared by the Triton kernels: block configs, dtypes, head-dim checks, AOT specs.
+
+A kernel launcher runs its kernel through a :class:`Launcher`: on a GPU the kernel is
+autotuned over a short list of :class:`KernelConfig`; under ``TRITON_INTERPRET=1`` (CPU
+tensors, the test suite) it runs with one fixed small config, because the autotuner needs
+CUDA timers. Each kernel module also lists every configuration it can be launched with as
+:class:`AotSpec` records, which :mod:`reformer.kernels.triton_aot` compiles ahead of time for
+sm_80 / sm_90 to check that all of them build and fit in shared memory.
+
+Interpreter caveats (Triton 3.9), bfloat16 only: the interpreter computes ``tl.dot`` on bfloat16
+operands from their raw uint16 bits, and it truncates float32 -> bfloat16 where GPUs round to
+nearest. So under the interpreter bfloat16 dot operands are cast to float32 (:func:`dot_dtype`)
+and kernels write float32 scratch that torch rounds to bfloat16 (:func:`storage_dtype`).
+Compiled kernels use bfloat16 tensor-core dots and bfloat16 stores.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+HEAD_DIMS = (16, 128)  # supported head dims, inclusive
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+SIGNATURE_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Block sizes (constexpr name -> value) plus warps and software-pipelining stages."""
+
+    blocks: Mapping[str, int]
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def to_triton(self) -> triton.Config:
+        return triton.Config(dict(self.blocks), num_warps=self.num_warps, num_stages=self.num_stages)
+
+    def label(self) -> str:
+        sizes = "-".join(f"{k}{v}" for k, v in self.blocks.items())
+        return f"{sizes}-w{self.num_warps}-s{self.num_stages}"
+
+
+@dataclass(frozen=True)
+class AotSpec:
+    """One launchable configuration of one kernel: what ``ASTSource`` + ``triton.compile`` need."""
+
+    kernel: Any  # JITFunction (AOT compilation only works outside the interpreter)
+    types: Mapping[str, str]  # argument -> Triton type when not "i32", e.g. {"Q": "*fp16", "scale": "fp32"}
+    constexprs: Mapping[str, Any]
+    config: KernelConfig
+    label: str = field(default="")
+
+    def signature(self) -> dict[str, str]:
+        """Triton signature: ``constexpr`` for constexprs, ``types[name]`` or else ``i32``."""
+        constexprs = {**self.constexprs, **self.config.blocks}
+        return {
+            name: "constexpr" if name in constexprs else self.types.get(name, "i32")
+            for name in self.kernel.arg_names
+        }
+
+
+def is_interpreted(kernel: Any) -> bool:
+    """True when ``kernel`` was decorated under ``TRITON_INTERPRET=1``."""
+    return isinstance(kernel, InterpretedFunction)
+
+
+def dot_dtype(dtype: torch.dtype, interpreted: bool) -> tl.dtype:
+    """Element type that ``tl.dot`` operands are cast to (see the interpreter caveat above)."""
+    if dtype == torch.bfloat16 and interpreted:
+        return tl.float32
+    return TL_DTYPES[dtype]
+
+
+def storage_dtype(dtype: torch.dtype, interpreted: bool) -> torch.dtype:
+    """dtype of the buffers kernels write their outputs to (see the interpreter caveats above)."""
+    return torch.float32 if (dtype == torch.bfloat16 and interpreted) else dtype
+
+
+def check_kernel_dtype(name: str, dtype: torch.dtype) -> None:
+    if dtype not in TL_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16 for the Triton backend, got {dtype}")
+
+
+def head_block(name: str, head_dim: int) -> int:
+    """Power-of-two block covering ``head_dim``; raises for head dims outside 16..128."""
+    lo, hi = HEAD_DIMS
+    if not lo <= head_dim <= hi:
+        raise ValueError(f"{name} head dim must be in {lo}..{hi} for the Triton backend, got {head_dim}")
+    return triton.next_power_of_2(head_dim)
+
+
+def head_blocks() -> tuple[int, ...]:
+    """Every power-of-two head block a launcher can pick."""
+    return tuple(sorted({head_block("D", d) for d in range(HEAD_DIMS[0], HEAD_DIMS[1] + 1)}))
+
+
+class Launcher:
+    """Runs ``kernel`` autotuned over ``configs[dtype]`` (GPU) or with ``interpreter_config``.
+
+    ``grid`` maps the chosen config's block sizes to the launch grid; ``key`` names the kernel
+    arguments whose values select a tuned config (argument dtypes are always part of it).
+    """
+
+    def __init__(self, kernel: Any, configs: Mapping[torch.dtype, Sequence[KernelConfig]], key: Sequence[str],
+                 interpreter_config: KernelConfig) -> None:
+        self.kernel = kernel
+        self.configs = {dtype: tuple(cfgs) for dtype, cfgs in configs.items()}
+        self.key = list(key)
+        self.interpreter_config = interpreter_config
+        self._tuned: dict[torch.dtype, Any] = {}
+
+    @property
+    def interpreted(self) -> bool:
+        return is_interpreted(self.kernel)
+
+    def run(self, dtype: torch.dtype, grid: Callable[[Mapping[str, Any]], tuple], *args: Any, **kwargs: Any) -> None:
+        """Launch for inputs of ``dtype`` (selects the config list)."""
+        if self.interpreted:
+            cfg = self.interpreter_config
+            self.kernel[grid(cfg.blocks)](*args, **kwargs, **cfg.blocks)
+            return
+        if dtype not in self._tuned:
+            configs = [c.to_triton() for c in self.configs[dtype]]
+            self._tuned[dtype] = triton.autotune(configs, key=self.key)(self.kernel)
+        self._tuned[dtype][grid](*args, **kwargs)

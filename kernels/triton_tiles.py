@@ -1,0 +1,73 @@
+"""Device-side (``@triton.jit``) helpers shared by the Triton attention kernels.
+
+Matmul precision: every ``tl.dot`` multiplies a raw input tile (exact in its dtype) by either
+another raw tile or a float32 intermediate (probabilities, score gradients). A float32
+intermediate is split into a head and a tail in the dot dtype (:func:`dot_hi_lo`), so float16 /
+bfloat16 kernels keep about float32 accuracy at the cost of a second tensor-core dot; float32
+inputs use 3xTF32 dots (about float32 accuracy on tensor cores).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def load_tile(base, rows, n_rows, cols, n_cols, stride_row):
+    """(len(rows), len(cols)) tile of a row-major matrix, zeros outside ``n_rows x n_cols``."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.load(base + rows[:, None] * stride_row + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def store_tile(base, value, rows, n_rows, cols, n_cols, stride_row):
+    """Store ``value`` (cast to the pointer's element type) inside ``n_rows x n_cols``."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    tl.store(base + rows[:, None] * stride_row + cols[None, :], value.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def dot(a, b, DOT: tl.constexpr):
+    """a @ b for tiles already exact in ``DOT`` (raw inputs), float32 accumulation."""
+    return tl.dot(a.to(DOT), b.to(DOT), input_precision="tf32x3")
+
+
+@triton.jit
+def dot_hi_lo(a, b, DOT: tl.constexpr):
+    """a @ b for a float32 tile ``a`` and a raw tile ``b``; ``a`` = head + tail in ``DOT``."""
+    hi = a.to(DOT)
+    acc = tl.dot(hi, b.to(DOT), input_precision="tf32x3")
+    if DOT != tl.float32:
+        acc += tl.dot((a - hi.to(tl.float32)).to(DOT), b.to(DOT), input_precision="tf32x3")
+    return acc
+
+
+@triton.jit
+def lse_log2(lse):
+    """Natural log-sum-exp -> base 2; rows without keys (-inf) get +inf so that 2^(s - lse) = 0."""
+    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+
+
+@triton.jit
+def online_softmax_step(m_i, l_i, acc, s, v, DOT: tl.constexpr):
+    """Fold one tile of base-2 scores ``s`` (-inf = not permitted) and values ``v`` into the running
+    max ``m_i``, normaliser ``l_i`` and output accumulator ``acc``."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no permitted key yet: shift by 0, not -inf
+    p = tl.math.exp2(s - m_ref[:, None])
+    alpha = tl.math.exp2(m_i - m_ref)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + dot_hi_lo(p, v, DOT)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def finish_softmax(m_i, l_i, acc):
+    """Normalised output and natural log-sum-exp; rows with no permitted key give 0 and -inf."""
+    has_key = l_i > 0.0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
+    return acc / l_safe[:, None], lse
