@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from torch import nn
 
 from .positional import AxialPositionalEncoding, SinusoidalPositionalEncoding
+from .swap_hf import is_hf_model, swap_hf_attention
 
 ATTENTIONS = ("lsh",)
 POSITIONAL_EMBEDDING_NAMES = ("wpe", "position_embeddings", "pos_emb", "pos_embedding", "positional_embedding",
@@ -25,7 +26,8 @@ POSITIONAL_EMBEDDING_NAMES = ("wpe", "position_embeddings", "pos_emb", "pos_embe
 
 @dataclass(frozen=True)
 class SwapEntry:
-    """One module considered: its qualified name, ``action`` (``"swapped"``/``"skipped"``) and why."""
+    """One module considered: its qualified name, ``action`` (``"swapped"``, ``"skipped"`` or
+    ``"changed"``: a setting adjusted) and the details."""
 
     name: str
     action: str
@@ -120,11 +122,26 @@ def swap_attention(
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    from .lsh_attention import LSHMultiheadAttention
+
+    def selected(name: str) -> bool:
+        return not _matches(name, exclude) and (include is None or _matches(name, include))
 
     report = SwapReport("swap_attention")
+    _swap_torch_attention(model, report, bucket_size=bucket_size, n_hashes=n_hashes, seed=seed, selected=selected)
+    if is_hf_model(model):
+        swap_hf_attention(model, report, bucket_size=bucket_size, n_hashes=n_hashes, seed=seed, selected=selected)
+    if not report.entries:
+        raise ValueError(f"{type(model).__name__} has no torch.nn.MultiheadAttention (nor Hugging Face attention) to swap")
+    return report
+
+
+def _swap_torch_attention(model: nn.Module, report: SwapReport, *, bucket_size: int, n_hashes: int,
+                          seed: Optional[int], selected: Callable[[str], bool]) -> None:
+    """The ``nn.MultiheadAttention`` part of :func:`swap_attention`."""
     for name, parent, attr, mha in _named_children_of_type(model, nn.MultiheadAttention):
-        if _matches(name, exclude) or (include is not None and not _matches(name, include)):
+        from .lsh_attention import LSHMultiheadAttention
+
+        if not selected(name):
             report.add(name, "skipped", "excluded by include/exclude")
             continue
         reason = _cross_attention_reason(parent, attr, mha)
@@ -134,11 +151,14 @@ def swap_attention(
         new = LSHMultiheadAttention.from_torch(mha, bucket_size=bucket_size, n_hashes=n_hashes, seed=seed)
         new.train(mha.training)
         setattr(parent, attr, new)
-        report.add(name, "swapped", f"nn.MultiheadAttention -> LSHMultiheadAttention "
-                                    f"(bucket_size={bucket_size}, n_hashes={n_hashes}, shared-QK from q_proj)")
-    if not report.entries:
-        raise ValueError("model has no torch.nn.MultiheadAttention module to swap")
-    return report
+        report.add(name, "swapped", f"nn.MultiheadAttention -> LSHMultiheadAttention (bucket_size={bucket_size}, "
+                                    f"n_hashes={n_hashes}, shared-QK from the query projection)")
+    for name, encoder in model.named_modules():
+        swapped = isinstance(encoder, nn.TransformerEncoder) and not isinstance(encoder.layers[0].self_attn, nn.MultiheadAttention)
+        if swapped and getattr(encoder, "use_nested_tensor", False):
+            # its eval-mode nested-tensor path would call the fused kernel, not the swapped attention
+            encoder.use_nested_tensor = False
+            report.add(name, "changed", "nn.TransformerEncoder nested-tensor fast path disabled")
 
 
 class AxialPositionEmbedding(nn.Module):
