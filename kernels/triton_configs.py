@@ -16,7 +16,7 @@ Compiled kernels use bfloat16 tensor-core dots and bfloat16 stores.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import torch
 import triton
@@ -40,8 +40,8 @@ class KernelConfig:
         return triton.Config(dict(self.blocks), num_warps=self.num_warps, num_stages=self.num_stages)
 
     def label(self) -> str:
-        sizes = "-".join(f"{k}{v}" for k, v in self.blocks.items())
-        return f"{sizes}-w{self.num_warps}-s{self.num_stages}"
+        parts = [f"{k}{v}" for k, v in self.blocks.items()] + [f"w{self.num_warps}", f"s{self.num_stages}"]
+        return "-".join(parts)
 
 
 @dataclass(frozen=True)
@@ -99,31 +99,32 @@ def head_blocks() -> tuple[int, ...]:
 
 
 class Launcher:
-    """Runs ``kernel`` autotuned over ``configs[dtype]`` (GPU) or with ``interpreter_config``.
+    """Runs ``kernel`` autotuned over ``configs[config_key]`` (GPU) or with ``interpreter_config``.
 
+    ``configs`` maps what the block sizes depend on (e.g. the dtype) to the configs to tune over;
     ``grid`` maps the chosen config's block sizes to the launch grid; ``key`` names the kernel
     arguments whose values select a tuned config (argument dtypes are always part of it).
     """
 
-    def __init__(self, kernel: Any, configs: Mapping[torch.dtype, Sequence[KernelConfig]], key: Sequence[str],
+    def __init__(self, kernel: Any, configs: Mapping[Hashable, Sequence[KernelConfig]], key: Sequence[str],
                  interpreter_config: KernelConfig) -> None:
         self.kernel = kernel
-        self.configs = {dtype: tuple(cfgs) for dtype, cfgs in configs.items()}
+        self.configs = {k: tuple(cfgs) for k, cfgs in configs.items()}
         self.key = list(key)
         self.interpreter_config = interpreter_config
-        self._tuned: dict[torch.dtype, Any] = {}
+        self._tuned: dict[Hashable, Any] = {}
 
     @property
     def interpreted(self) -> bool:
         return is_interpreted(self.kernel)
 
-    def run(self, dtype: torch.dtype, grid: Callable[[Mapping[str, Any]], tuple], *args: Any, **kwargs: Any) -> None:
-        """Launch for inputs of ``dtype`` (selects the config list)."""
+    def run(self, config_key: Hashable, grid: Callable[[Mapping[str, Any]], tuple], *args: Any, **kwargs: Any) -> None:
+        """Launch with the configs of ``config_key``."""
         if self.interpreted:
             cfg = self.interpreter_config
             self.kernel[grid(cfg.blocks)](*args, **kwargs, **cfg.blocks)
             return
-        if dtype not in self._tuned:
-            configs = [c.to_triton() for c in self.configs[dtype]]
-            self._tuned[dtype] = triton.autotune(configs, key=self.key)(self.kernel)
-        self._tuned[dtype][grid](*args, **kwargs)
+        if config_key not in self._tuned:
+            configs = [c.to_triton() for c in self.configs[config_key]]
+            self._tuned[config_key] = triton.autotune(configs, key=self.key)(self.kernel)
+        self._tuned[config_key][grid](*args, **kwargs)

@@ -34,7 +34,7 @@ from .triton_configs import (
     head_blocks,
     storage_dtype,
 )
-from .triton_tiles import LOG2E, dot, dot_hi_lo, finish_softmax, load_tile, lse_log2, online_softmax_step, store_tile
+from .triton_tiles import dot, dot_hi_lo, finish_softmax, load_tile, lse_for_probs, online_softmax_step, store_tile
 
 
 @triton.jit
@@ -60,7 +60,6 @@ def _fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     kpm_row = KPM + (g // n_heads) * n_k
     q = load_tile(Q + g * stride_qg, offs_m, n_q, offs_d, head_dim, stride_qn)
-    qk_scale = scale * LOG2E  # scores in base 2: exp(x) = exp2(x * log2(e))
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -72,7 +71,7 @@ def _fwd_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = load_tile(K + g * stride_kg, offs_n, n_k, offs_d, head_dim, stride_kn)
         v = load_tile(V + g * stride_vg, offs_n, n_k, offs_d, head_dim_v, stride_vn)
-        s = dot(q, tl.trans(k), DOT) * qk_scale
+        s = dot(q, tl.trans(k), DOT) * scale
         s = tl.where(_permitted(offs_m, offs_n, n_k, kpm_row, causal), s, float("-inf"))
         m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, s, v, DOT)
     out, lse = finish_softmax(m_i, l_i, acc)
@@ -96,7 +95,6 @@ def _bwd_dkdv_kernel(
     kpm_row = KPM + (g // n_heads) * n_k
     k = load_tile(K + g * stride_kg, offs_n, n_k, offs_d, head_dim, stride_kn)
     v = load_tile(V + g * stride_vg, offs_n, n_k, offs_d, head_dim_v, stride_vn)
-    qk_scale = scale * LOG2E
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -107,11 +105,11 @@ def _bwd_dkdv_kernel(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = load_tile(Q + g * stride_qg, offs_m, n_q, offs_d, head_dim, stride_qn)
         do = load_tile(DO + g * stride_og, offs_m, n_q, offs_d, head_dim_v, stride_on)
-        lse2 = lse_log2(tl.load(Lse + g * n_q + offs_m, mask=offs_m < n_q, other=float("-inf")))
+        lse = lse_for_probs(tl.load(Lse + g * n_q + offs_m, mask=offs_m < n_q, other=float("-inf")))
         delta = tl.load(Delta + g * n_q + offs_m, mask=offs_m < n_q, other=0.0)
-        s = dot(q, tl.trans(k), DOT) * qk_scale
+        s = dot(q, tl.trans(k), DOT) * scale
         s = tl.where(_permitted(offs_m, offs_n, n_k, kpm_row, causal), s, float("-inf"))
-        p = tl.math.exp2(s - lse2[:, None])  # (BLOCK_M, BLOCK_N)
+        p = tl.exp(s - lse[:, None])  # (BLOCK_M, BLOCK_N)
         dv += dot_hi_lo(tl.trans(p), do, DOT)
         ds = p * (dot(do, tl.trans(v), DOT) - delta[:, None])
         dk += dot_hi_lo(tl.trans(ds), q, DOT)
@@ -135,9 +133,8 @@ def _bwd_dq_kernel(
     kpm_row = KPM + (g // n_heads) * n_k
     q = load_tile(Q + g * stride_qg, offs_m, n_q, offs_d, head_dim, stride_qn)
     do = load_tile(DO + g * stride_og, offs_m, n_q, offs_d, head_dim_v, stride_on)
-    lse2 = lse_log2(tl.load(Lse + g * n_q + offs_m, mask=offs_m < n_q, other=float("-inf")))
+    lse = lse_for_probs(tl.load(Lse + g * n_q + offs_m, mask=offs_m < n_q, other=float("-inf")))
     delta = tl.load(Delta + g * n_q + offs_m, mask=offs_m < n_q, other=0.0)
-    qk_scale = scale * LOG2E
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi = n_k
@@ -147,9 +144,9 @@ def _bwd_dq_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = load_tile(K + g * stride_kg, offs_n, n_k, offs_d, head_dim, stride_kn)
         v = load_tile(V + g * stride_vg, offs_n, n_k, offs_d, head_dim_v, stride_vn)
-        s = dot(q, tl.trans(k), DOT) * qk_scale
+        s = dot(q, tl.trans(k), DOT) * scale
         s = tl.where(_permitted(offs_m, offs_n, n_k, kpm_row, causal), s, float("-inf"))
-        p = tl.math.exp2(s - lse2[:, None])
+        p = tl.exp(s - lse[:, None])
         ds = p * (dot(do, tl.trans(v), DOT) - delta[:, None])
         dq += dot_hi_lo(ds, k, DOT)
     store_tile(DQ + g * stride_qg, dq * scale, offs_m, n_q, offs_d, head_dim, stride_qn)

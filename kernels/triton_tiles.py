@@ -11,9 +11,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
-
 
 @triton.jit
 def load_tile(base, rows, n_rows, cols, n_cols, stride_row):
@@ -46,19 +43,20 @@ def dot_hi_lo(a, b, DOT: tl.constexpr):
 
 
 @triton.jit
-def lse_log2(lse):
-    """Natural log-sum-exp -> base 2; rows without keys (-inf) get +inf so that 2^(s - lse) = 0."""
-    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+def lse_for_probs(lse):
+    """Saved log-sum-exp ready for ``p = exp(s - lse)``: rows without keys (-inf) get +inf, so p = 0."""
+    return tl.where(lse == float("-inf"), float("inf"), lse)
 
 
 @triton.jit
 def online_softmax_step(m_i, l_i, acc, s, v, DOT: tl.constexpr):
-    """Fold one tile of base-2 scores ``s`` (-inf = not permitted) and values ``v`` into the running
-    max ``m_i``, normaliser ``l_i`` and output accumulator ``acc``."""
+    """Fold one tile of logits ``s`` (-inf = not permitted) and values ``v`` into the running max
+    ``m_i``, normaliser ``l_i`` and output accumulator ``acc`` (natural-log domain, so that equal
+    logits such as the LSH self logit cancel exactly)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no permitted key yet: shift by 0, not -inf
-    p = tl.math.exp2(s - m_ref[:, None])
-    alpha = tl.math.exp2(m_i - m_ref)
+    p = tl.exp(s - m_ref[:, None])
+    alpha = tl.exp(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + dot_hi_lo(p, v, DOT)
     return m_new, l_i, acc
@@ -66,8 +64,8 @@ def online_softmax_step(m_i, l_i, acc, s, v, DOT: tl.constexpr):
 
 @triton.jit
 def finish_softmax(m_i, l_i, acc):
-    """Normalised output and natural log-sum-exp; rows with no permitted key give 0 and -inf."""
+    """Normalised output and log-sum-exp; rows with no permitted key give 0 and -inf."""
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
-    lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
+    lse = tl.where(has_key, m_i + tl.log(l_safe), float("-inf"))
     return acc / l_safe[:, None], lse
