@@ -1,0 +1,4 @@
+"""Entry point: ``python -m benchmarks`` (see ``cli.py``)."""
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,183 @@
+"""Attention ops: forward and forward+backward time and peak memory versus sequence length.
+
+Providers (the baseline first):
+
+========================  ==============================================================
+``naive``                 ``reformer.kernels.full_attention(backend="torch")``: materialises
+                          the ``(B, H, N, N)`` scores (the textbook formula)
+``sdpa``                  ``torch.nn.functional.scaled_dot_product_attention`` (fused, O(N) memory)
+``full_attention[triton]``  ``full_attention(backend="triton")`` (CUDA only)
+``lsh[torch]``            ``reformer.kernels.lsh_attention(backend="torch")``, shared QK
+``lsh[triton]``           ``lsh_attention(backend="triton")`` (CUDA only)
+``reformer_pytorch``      ``reformer_pytorch.LSHAttention`` (peer, when installed)
+``hf_reformer``           ``transformers``' Reformer ``LSHSelfAttention`` (peer, when installed;
+                          random weights, includes its QK and V input projections)
+========================  ==============================================================
+
+All get inputs of shape ``(B, H, N, D)`` (the peers the same numbers in their own layout);
+shared-QK providers get ``qk`` and ``v`` only.
+
+FLOP formulas (forward; backward counted as 2.5x forward, as in flash-attention's benchmark):
+full attention ``4 * B * H * N^2 * D`` (halved when causal); LSH attention
+``4 * B * H * N * (2 * bucket_size) * D * n_hashes`` (each query scores the keys of its own
+chunk and of the chunk before it, in each round).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .cases import Case, Provider, requires
+from .harness import Workload
+
+BENCHMARK = "attention"
+FULL_PROVIDERS = ("naive", "sdpa", "full_attention[triton]")
+LSH_PROVIDERS = ("lsh[torch]", "lsh[triton]", "reformer_pytorch", "hf_reformer")
+
+# Calibrated on this suite's own measurements (CPU, float32), rounded up so that skipping errs
+# on the safe side: naive fwd+bwd peaks at ~3.1 score matrices, LSH at a few (N, 2*bs) score
+# blocks per round plus O(N * D) per round for sort indices and gathered rows.
+_NAIVE_SCORE_COPIES = 3.5
+_LINEAR_COPIES = 12
+
+
+def _dtype(params: dict) -> torch.dtype:
+    return getattr(torch, params["dtype"])
+
+
+def _elt(params: dict) -> int:
+    """Bytes per element of the scores (computed in float32 for half inputs)."""
+    return max(4, torch.tensor([], dtype=_dtype(params)).element_size())
+
+
+def _bhnd(params: dict) -> float:
+    return params["batch"] * params["heads"] * params["seq_len"] * params["head_dim"]
+
+
+def full_flops(params: dict) -> float:
+    """``4 * B * H * N^2 * D``, halved when causal."""
+    flops = 4.0 * _bhnd(params) * params["seq_len"]
+    return flops / 2 if params["causal"] else flops
+
+
+def lsh_flops(params: dict) -> float:
+    """``4 * B * H * N * (2 * bucket_size) * D * n_hashes``."""
+    return 4.0 * _bhnd(params) * 2 * params["bucket_size"] * params["n_hashes"]
+
+
+def _naive_bytes(params: dict) -> float:
+    b, h, n = params["batch"], params["heads"], params["seq_len"]
+    return _NAIVE_SCORE_COPIES * b * h * n * n * _elt(params) + _LINEAR_COPIES * _bhnd(params) * _elt(params)
+
+
+def _linear_bytes(params: dict) -> float:
+    return _LINEAR_COPIES * _bhnd(params) * _elt(params)
+
+
+def _lsh_bytes(params: dict) -> float:
+    rows = params["batch"] * params["heads"] * params["seq_len"]
+    per_round = rows * (4 * 2 * params["bucket_size"] + 6 * params["head_dim"]) * _elt(params)
+    return _linear_bytes(params) + per_round
+
+
+def _peer_bytes(params: dict) -> float:
+    """The peers keep every round's chunk scores (and their softmax) for backward."""
+    return _linear_bytes(params) + params["n_hashes"] * _lsh_bytes(params)
+
+
+def _tensors(params: dict, device: torch.device, count: int) -> list[Tensor]:
+    """``count`` random ``(B, H, N, D)`` leaf tensors that require grad."""
+    gen = torch.Generator().manual_seed(1234)
+    shape = (params["batch"], params["heads"], params["seq_len"], params["head_dim"])
+    return [torch.randn(shape, generator=gen).to(device, _dtype(params)).requires_grad_() for _ in range(count)]
+
+
+def _build_naive(params: dict, device: torch.device) -> Workload:
+    from reformer.kernels import full_attention
+
+    q, k, v = _tensors(params, device, 3)
+    return Workload(lambda: full_attention(q, k, v, causal=params["causal"], backend="torch"))
+
+
+def _build_full_triton(params: dict, device: torch.device) -> Workload:
+    from reformer.kernels import full_attention
+
+    q, k, v = _tensors(params, device, 3)
+    return Workload(lambda: full_attention(q, k, v, causal=params["causal"], backend="triton"))
+
+
+def _build_sdpa(params: dict, device: torch.device) -> Workload:
+    q, k, v = _tensors(params, device, 3)
+    return Workload(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=params["causal"]))
+
+
+def _lsh_builder(backend: str) -> Callable[[dict, torch.device], Workload]:
+    def build(params: dict, device: torch.device) -> Workload:
+        from reformer.kernels import lsh_attention
+
+        qk, v = _tensors(params, device, 2)
+        return Workload(lambda: lsh_attention(qk, v, bucket_size=params["bucket_size"], n_hashes=params["n_hashes"],
+                                              causal=params["causal"], seed=0, backend=backend))
+
+    return build
+
+
+def _build_reformer_pytorch(params: dict, device: torch.device) -> Workload:
+    from einops import rearrange
+    from reformer_pytorch import LSHAttention
+
+    attn = LSHAttention(bucket_size=params["bucket_size"], n_hashes=params["n_hashes"],
+                        causal=params["causal"]).to(device).eval()
+    qk, v = (rearrange(t.detach(), "b h n d -> (b h) n d").requires_grad_() for t in _tensors(params, device, 2))
+    return Workload(lambda: attn(qk, v)[0])
+
+
+def _build_hf_reformer(params: dict, device: torch.device) -> Workload:
+    from transformers import ReformerConfig as HFConfig
+    from transformers.models.reformer.modeling_reformer import LSHSelfAttention
+
+    heads, dim = params["heads"], params["head_dim"]
+    config = HFConfig(hidden_size=heads * dim, num_attention_heads=heads, attention_head_size=dim,
+                      lsh_attn_chunk_length=params["bucket_size"], num_hashes=params["n_hashes"],
+                      lsh_num_chunks_before=1, lsh_num_chunks_after=0, is_decoder=params["causal"],
+                      lsh_attention_probs_dropout_prob=0.0, attn_layers=["lsh"])
+    attn = LSHSelfAttention(config).to(device, _dtype(params)).eval()
+    gen = torch.Generator().manual_seed(1234)
+    hidden = torch.randn(params["batch"], params["seq_len"], heads * dim, generator=gen)
+    hidden = hidden.to(device, _dtype(params)).requires_grad_()
+    return Workload(lambda: attn(hidden).hidden_states)
+
+
+PROVIDERS: dict[str, Provider] = {
+    "naive": Provider("naive", _build_naive, _naive_bytes, full_flops, requires("reformer.kernels:full_attention")),
+    "sdpa": Provider("sdpa", _build_sdpa, _linear_bytes, full_flops),
+    "full_attention[triton]": Provider("full_attention[triton]", _build_full_triton, _linear_bytes, full_flops,
+                                       requires("triton", "reformer.kernels.triton_full"), needs_cuda=True),
+    "lsh[torch]": Provider("lsh[torch]", _lsh_builder("torch"), _lsh_bytes, lsh_flops,
+                           requires("reformer.kernels:lsh_attention")),
+    "lsh[triton]": Provider("lsh[triton]", _lsh_builder("triton"), _lsh_bytes, lsh_flops,
+                            requires("triton", "reformer.kernels:lsh_attention", "reformer.kernels.triton_lsh"),
+                            needs_cuda=True),
+    "reformer_pytorch": Provider("reformer_pytorch", _build_reformer_pytorch, _peer_bytes, lsh_flops,
+                                 requires("reformer_pytorch")),
+    "hf_reformer": Provider("hf_reformer", _build_hf_reformer, _peer_bytes, lsh_flops, requires("transformers")),
+}
+
+
+def plan(lengths: Iterable[int], n_hashes: Iterable[int], peer_hashes: Iterable[int], *, batch: int, heads: int,
+         head_dim: int, bucket_size: int, dtype: str, causal: bool) -> list[Case]:
+    """Every provider at every length, shortest lengths first (so that a long case's run time
+    can be predicted from a shorter one of the same series)."""
+    cases = []
+    for n in lengths:
+        base: dict[str, Any] = dict(batch=batch, heads=heads, seq_len=n, head_dim=head_dim, dtype=dtype,
+                                    causal=causal)
+        cases += [Case(BENCHMARK, name, name, base) for name in FULL_PROVIDERS]
+        for name in LSH_PROVIDERS:
+            for h in n_hashes if name.startswith("lsh") else peer_hashes:
+                params = dict(base, bucket_size=bucket_size, n_hashes=h)
+                cases.append(Case(BENCHMARK, name, f"{name} h={h}", params))
+    return cases
