@@ -62,15 +62,14 @@ class _ChunkedFeedForwardFn(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         (x,) = ctx.saved_tensors
         grad_x = torch.empty_like(x)
-        grad_params = [torch.zeros_like(p) for p in ctx.params]
+        grad_params: list[Tensor] = []
         chunks = zip(x.tensor_split(ctx.chunks), grad_out.tensor_split(ctx.chunks), grad_x.tensor_split(ctx.chunks))
         with ctx.rng.replay() if ctx.rng is not None else nullcontext(), torch.enable_grad():
             for xc, gc, gxc in chunks:
                 xc = xc.detach().requires_grad_()
                 gx, *gp = torch.autograd.grad(ctx.fn(xc), (xc, *ctx.params), gc)
                 gxc.copy_(gx)
-                for acc, g in zip(grad_params, gp):
-                    acc.add_(g)
+                grad_params = gp if not grad_params else [acc.add_(g) for acc, g in zip(grad_params, gp)]
         return (grad_x, None, None, None, *grad_params)
 
 
