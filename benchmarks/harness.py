@@ -53,7 +53,7 @@ def _median_ms(fn: Callable[[], object], device: torch.device, n: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def _training_step(workload: Workload, seed: int = 0) -> Callable[[], None]:
+def training_step(workload: Workload, seed: int = 0) -> Callable[[], None]:
     """forward + backward; a non-scalar output is back-propagated with a fixed random gradient
     (created once, so it is part of the memory baseline)."""
     grad: dict[str, Optional[Tensor]] = {}
@@ -72,7 +72,7 @@ def _training_step(workload: Workload, seed: int = 0) -> Callable[[], None]:
 def measure(workload: Workload, device: torch.device, repeats: int, budget_s: float) -> dict:
     """Runs the protocol above; returns ``time_fwd_ms``, ``time_fwdbwd_ms``, ``peak_mem_mib``,
     ``repeats`` (the ``n`` used) and ``warmup_ms``."""
-    step = _training_step(workload)
+    step = training_step(workload)
     exact_rss_mode()
     _median_ms(step, device, 1)
     peak = peak_extra_bytes(step, device)

@@ -135,7 +135,7 @@ def ffn_bytes(params: dict) -> float:
     return (4 * n * params["d_ff"] / params["ff_chunks"] + 4 * n * d) * 4
 
 
-_NEEDS_REFORMER_LM = requires("reformer:ReformerLM", "reformer:ReformerConfig")
+_NEEDS_REFORMER_LM = requires("reformer:ReformerLM", "reformer:ReformerConfig", "reformer:LSHSelfAttention")
 PROVIDERS: dict[str, Provider] = {
     "transformer": Provider("transformer", _build_transformer, model_bytes, model_flops,
                             requires("reformer:EncoderLayer")),

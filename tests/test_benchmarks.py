@@ -1,0 +1,208 @@
+"""Tests of the benchmark suite itself (tiny sizes): argument parsing, skip rules, the JSON
+schema, the CPU peak-memory method and a small end-to-end run of each sub-benchmark."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from benchmarks import attention, cli, memory, quality, summary
+from benchmarks.cases import Case, Provider, make_record
+from benchmarks.harness import Workload, measure
+from benchmarks.runner import RunOptions, _SeriesHistory, preflight, run_cases
+from benchmarks.settings import QUICK
+from benchmarks.worker import run_case
+
+MIB = 2**20
+ATTN = dict(batch=1, heads=2, head_dim=64, dtype="float32", causal=False)
+needs_proc = pytest.mark.skipif(not memory.cpu_method_available(), reason="needs Linux /proc/self/clear_refs")
+
+
+def _opts(**kw) -> RunOptions:
+    base = dict(device="cpu", repeats=1, budget_s=0.5, max_call_s=60.0, timeout_s=120.0, mem_limit_bytes=4 * 2**30)
+    return RunOptions(**{**base, **kw})
+
+
+# ----------------------------------------------------------------------------- argument parsing
+
+def test_parse_defaults_and_overrides():
+    args = cli.parse_args(["attention", "--quick", "--lengths", "128", "256", "--n-hashes", "2", "--heads", "4",
+                           "--repeats", "2", "--device", "cpu", "--providers", "sdpa", "lsh*"])
+    s = cli.settings_from_args(args)
+    assert args.benchmark == "attention" and args.quick and args.providers == ["sdpa", "lsh*"]
+    assert s.attention.lengths == (128, 256) and s.attention.n_hashes == (2,) and s.attention.heads == 4
+    assert s.repeats == 2 and s.attention.head_dim == QUICK.attention.head_dim  # untouched fields keep the preset
+    full = cli.settings_from_args(cli.parse_args(["all"]))
+    assert max(full.attention.lengths) == 65536 and full.model.depths == (2, 4, 8, 12)
+
+
+@pytest.mark.parametrize("argv", [["nonsense"], ["attention", "--lengths", "0"], ["model", "--repeats", "-1"],
+                                  ["attention", "--dtype", "int8"], []])
+def test_parse_rejects_bad_arguments(argv):
+    with pytest.raises(SystemExit):
+        cli.parse_args(argv)
+
+
+def test_provider_patterns_select_series():
+    cases = cli.plan("attention", dataclasses.replace(QUICK, attention=dataclasses.replace(
+        QUICK.attention, lengths=(128,), n_hashes=(1, 4))), "float32")
+    picked = cli.select(cases, ["sdpa", "lsh[[]torch]*"])
+    assert [c.series for c in picked] == ["sdpa", "lsh[torch] h=1", "lsh[torch] h=4"]
+    assert cases[0].provider == "naive"  # the baseline comes first
+
+
+# ----------------------------------------------------------------------------- skip rules
+
+def test_naive_attention_too_big_is_skipped_with_estimate():
+    params = dict(ATTN, heads=8, seq_len=65536)
+    case = Case("attention", "naive", "naive", params)
+    record = preflight(case, attention.PROVIDERS["naive"], _opts(mem_limit_bytes=20 * 2**30), _SeriesHistory())
+    n2_gib = 8 * 65536**2 * 4 / 2**30  # one score matrix: 128 GiB
+    assert record["status"] == "skipped" and record["note"].startswith("est. ")
+    assert float(record["note"].split()[1]) >= n2_gib
+    # the same length fits for LSH
+    lsh = Case("attention", "lsh[torch]", "lsh[torch] h=4", dict(params, bucket_size=64, n_hashes=4))
+    assert preflight(lsh, attention.PROVIDERS["lsh[torch]"], _opts(mem_limit_bytes=20 * 2**30), _SeriesHistory()) is None
+
+
+def test_skip_reasons_cuda_unavailable_and_time():
+    case = Case("attention", "x", "x", dict(ATTN, seq_len=1024))
+    fake = Provider("x", build=None, est_bytes=lambda p: 0.0, cost=lambda p: float(p["seq_len"] ** 2))
+    history = _SeriesHistory()
+    assert preflight(case, dataclasses.replace(fake, needs_cuda=True), _opts(), history)["note"] == "needs CUDA"
+    gone = preflight(case, dataclasses.replace(fake, missing=lambda: "pkg not importable"), _opts(), history)
+    assert gone["status"] == "unavailable" and "pkg" in gone["note"]
+    # 1 s measured at N=1024; cost ~ N^2 predicts 16 s at N=4096 > 10 s cap
+    history.update(case, fake, make_record(case, "ok", time_fwdbwd_ms=1000.0))
+    longer = dataclasses.replace(case, params=dict(case.params, seq_len=4096))
+    skipped = preflight(longer, fake, _opts(max_call_s=10.0), history)
+    assert skipped["status"] == "skipped" and skipped["note"].startswith("est. 16 s")
+    assert preflight(longer, fake, _opts(max_call_s=20.0), history) is None
+
+
+def test_run_cases_reports_instead_of_crashing(monkeypatch):
+    """Skipped cases never start a worker; a failing or hung worker gives an error/timeout record."""
+    monkeypatch.setattr("benchmarks.runner.run_case", lambda *a, **k: pytest.fail("worker started"))
+    cases = [Case("attention", "naive", "naive", dict(ATTN, heads=8, seq_len=65536)),
+             Case("attention", "lsh[triton]", "lsh[triton] h=4", dict(ATTN, seq_len=256, bucket_size=64, n_hashes=4))]
+    records = run_cases(cases, _opts(), "test")
+    assert records[0]["status"] == "skipped" and records[0]["note"].startswith("est. ")
+    assert records[1]["status"] in ("skipped", "unavailable")  # needs CUDA (or Triton is not installed)
+    bad = Case("attention", "lsh[torch]", "lsh", dict(ATTN, seq_len=64, bucket_size=0, n_hashes=1))
+    record = run_case(bad, device="cpu", repeats=1, budget_s=1.0, timeout_s=120.0)
+    assert record["status"] == "error" and "bucket_size" in record["note"]
+    hung = run_case(bad, device="cpu", repeats=1, budget_s=1.0, timeout_s=0.05)
+    assert hung["status"] == "timeout"
+
+
+# ----------------------------------------------------------------------------- memory method
+
+@pytest.fixture
+def exact_rss():
+    memory.exact_rss_mode()
+    yield
+    memory.caching_mode()
+
+
+@needs_proc
+def test_peak_memory_matches_known_allocations(exact_rss):
+    def alloc(mib: int):
+        return lambda: torch.ones(mib * MIB // 4).sum()
+
+    for mib in (8, 40):
+        alloc(mib)()  # freed again: a cached block must not hide the next call's allocation
+        assert abs(memory.peak_extra_bytes(alloc(mib), torch.device("cpu")) / MIB - mib) < 2
+    assert memory.peak_extra_bytes(lambda: None, torch.device("cpu")) / MIB < 1
+    held = [torch.ones(16 * MIB // 4)]
+    held[0].add_(1)  # warm-up, as in the protocol
+    # memory that stays allocated before the call is baseline, not peak
+    assert memory.peak_extra_bytes(lambda: held[0].add_(1), torch.device("cpu")) / MIB < 1
+
+
+@needs_proc
+def test_naive_attention_peak_covers_its_score_matrix():
+    """In a worker, like every benchmark case: the measured peak holds at least the
+    (B, H, N, N) float32 score matrix; a no-op step (the identity on a tiny tensor) shows ~0."""
+    b, h, n = 1, 2, 1024
+    case = Case("attention", "naive", "naive", dict(ATTN, batch=b, heads=h, seq_len=n))
+    record = run_case(case, device="cpu", repeats=1, budget_s=0.5, timeout_s=120.0)
+    assert record["status"] == "ok", record["note"]
+    assert record["peak_mem_mib"] * MIB >= b * h * n * n * 4
+    x = torch.zeros(4, requires_grad=True)
+    assert measure(Workload(lambda: x.view(2, 2)), torch.device("cpu"), 1, 0.1)["peak_mem_mib"] < 1
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def test_crossover_statement_from_records():
+    def rec(series, n, ms):
+        return make_record(Case("attention", series.split()[0], series, {"seq_len": n}), "ok", time_fwdbwd_ms=ms,
+                           peak_mem_mib=1.0)
+
+    records = [rec("lsh[torch] h=4", n, 10.0) for n in (1024, 2048, 4096)]
+    records += [rec("naive", 1024, 5.0), rec("naive", 2048, 20.0), rec("naive", 4096, 80.0)]
+    records += [rec("sdpa", n, 1.0) for n in (1024, 2048, 4096)]
+    text = summary.crossover(records, "lsh[torch] h=4", "naive")
+    assert "between N = 1024" in text and "N = 2048" in text and "N ~ 1,448" in text
+    assert "not faster" in summary.crossover(records, "lsh[torch] h=4", "sdpa")
+
+
+def _check_schema(path):
+    data = json.loads(path.read_text())
+    assert data["schema_version"] == 1
+    for key in ("device", "torch", "cpu", "threads", "memory_method", "settings", "command"):
+        assert key in data["metadata"]
+    for r in data["records"]:
+        assert {"benchmark", "provider", "series", "params", "status", "note", "time_fwd_ms", "time_fwdbwd_ms",
+                "peak_mem_mib"} <= set(r)
+        assert r["status"] in ("ok", "skipped", "unavailable", "timeout", "error")
+        if r["status"] == "ok" and r["benchmark"] != "quality":
+            assert r["time_fwd_ms"] > 0 and r["time_fwdbwd_ms"] > 0 and r["peak_mem_mib"] >= 0
+    return data["records"]
+
+
+@needs_proc
+def test_attention_end_to_end(tmp_path, capsys):
+    code = cli.main(["attention", "--quick", "--lengths", "64", "128", "--heads", "2", "--n-hashes", "1",
+                     "--bucket-size", "16", "--repeats", "1", "--device", "cpu", "--providers", "naive", "lsh*",
+                     "--out", str(tmp_path)])
+    assert code == 0
+    records = _check_schema(tmp_path / "results.json")
+    assert {r["series"]: r["status"] for r in records if r["params"]["seq_len"] == 128} == {
+        "naive": "ok", "lsh[torch] h=1": "ok", "lsh[triton] h=1": "skipped"}
+    assert (tmp_path / "attention.png").stat().st_size > 0 and "lsh[torch] h=1" in (tmp_path / "summary.md").read_text()
+    assert "forward+backward time (ms)" in capsys.readouterr().out
+
+
+@needs_proc
+def test_model_and_quality_end_to_end(tmp_path):
+    s = dataclasses.replace(
+        QUICK,
+        model=dataclasses.replace(QUICK.model, depths=(1,), depth_len=128, lengths=(), ffn_len=256, ffn_d_model=32,
+                                  ffn_d_ff=64, ff_chunks=4,
+                                  dims=dict(vocab_size=32, d_model=32, n_heads=2, d_ff=64, bucket_size=16, n_hashes=1)),
+        quality=dataclasses.replace(QUICK.quality, seq_len=64, heads=1, bucket_sizes=(16,), n_hashes=(1, 2), seeds=1),
+    )
+    records = cli.run(["model", "quality"], s, _opts(), "float32", ["transformer", "reformer_lm reversible*", "ffn*",
+                                                                    "lsh*"])
+    meta = {"device": "cpu", "device_name": "test", "torch": torch.__version__, "dtype": "float32", "cpu": "test",
+            "threads": 1, "memory_method": "test", "settings": {}, "command": "test"}
+    cli.write_outputs(tmp_path, meta, records)
+    records = _check_schema(tmp_path / "results.json")
+    assert [r["status"] for r in records if r["benchmark"] == "model"] == ["ok"] * 4, records
+    q = [r for r in records if r["benchmark"] == "quality"]
+    assert len(q) == 4 and all(0 <= r["recall_at_k"] <= 1 and r["rel_err"] >= 0 for r in q)
+    assert (tmp_path / "model.png").exists() and (tmp_path / "quality.png").exists()
+
+
+def test_quality_weights_reproduce_lsh_output():
+    """The W read back with one-hot values is the op's attention matrix: W @ v == lsh_attention."""
+    from reformer.kernels import lsh_attention
+
+    qk, v = quality.make_inputs("clustered", (1, 2, 100, 16), seed=0)
+    kw = dict(bucket_size=8, n_hashes=2, seed=3, backend="torch")
+    w = quality.lsh_weights(qk, **kw)
+    torch.testing.assert_close(w @ v, lsh_attention(qk, v, **kw), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w.sum(-1), torch.ones(1, 2, 100))
