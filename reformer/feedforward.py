@@ -7,6 +7,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from ._rng import RngState
 from ._validation import check_dropout, check_positive
@@ -30,6 +31,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.d_model = check_positive("d_model", d_model)
         self.d_ff = check_positive("d_ff", d_ff)
+        self.activation_name = activation
         self.activation = get_activation(activation)
         self.w1 = nn.Linear(d_model, d_ff)
         self.w2 = nn.Linear(d_ff, d_model)
@@ -39,51 +41,91 @@ class FeedForward(nn.Module):
         return self.w2(self.dropout(self.activation(self.w1(x))))
 
 
-class _ChunkedFeedForwardFn(torch.autograd.Function):
-    """Applies ``fn`` to row chunks of a ``(M, d_model)`` input and saves only that input.
+def _chunk_hidden(x: Tensor, w1: Tensor, b1: Tensor, activation: str, p: float) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """``dropout(act(x W1^T + b1))`` for one chunk ``x`` ``(m, d_model)``, in place where possible.
 
-    Backward recomputes one chunk at a time (replaying the RNG state for dropout) and
-    back-propagates it before the next, so at most one chunk's ``(M / chunks, d_ff)`` hidden
-    activation, and its gradient, exists at any moment. The loop over chunks is sequential by
-    design: that is what bounds the memory.
+    Returns the hidden activation ``(m, d_ff)``, the pre-activation when the activation's
+    derivative needs it (gelu; None for relu, which is applied in place) and the bool keep-mask
+    (None without dropout; drawn with ``bernoulli_``, so it replays from the RNG state).
+    """
+    pre = F.linear(x, w1, b1)  # (m, d_ff)
+    if activation == "relu":
+        hidden, pre = pre.relu_(), None
+    else:
+        hidden = get_activation(activation)(pre)
+    keep = None
+    if p > 0:
+        keep = torch.empty_like(hidden, dtype=torch.bool).bernoulli_(1 - p)
+        hidden.mul_(keep).div_(1 - p)
+    return hidden, pre, keep
+
+
+def _chunk_backward(x: Tensor, grad_out: Tensor, grad_x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
+                    grads: list[Tensor], activation: str, p: float) -> None:
+    """Recomputes one chunk and back-propagates ``grad_out`` ``(m, d_model)`` through it: writes
+    ``grad_x`` and adds to ``grads = [dW1, db1, dW2, db2]``. At most two ``(m, d_ff)`` tensors
+    (three for gelu) are alive at once."""
+    hidden, pre, keep = _chunk_hidden(x, w1, b1, activation, p)
+    grads[2].addmm_(grad_out.t(), hidden)
+    grads[3].add_(grad_out.sum(0))
+    grad_h = grad_out @ w2  # (m, d_ff)
+    if keep is not None:
+        grad_h.mul_(keep).div_(1 - p)
+    if activation == "relu":
+        grad_h.masked_fill_(hidden <= 0, 0.0)  # dropped positions already have zero gradient
+    else:
+        grad_h = torch.ops.aten.gelu_backward(grad_h, pre)
+    del hidden, pre, keep
+    grads[0].addmm_(grad_h.t(), x)
+    grads[1].add_(grad_h.sum(0))
+    torch.mm(grad_h, w1, out=grad_x)
+
+
+class _ChunkedFeedForwardFn(torch.autograd.Function):
+    """FFN over row chunks of a ``(M, d_model)`` input; saves only the input and the weights.
+
+    Backward recomputes one chunk at a time (replaying the RNG state, so the dropout masks are
+    the same) and back-propagates it by hand before the next chunk. The loop over chunks is
+    sequential by design: that is what bounds the memory.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, fn: Callable[[Tensor], Tensor], chunks: int, rng: Optional[RngState],
-                *params: Tensor) -> Tensor:
-        out = torch.empty_like(x)  # (M, d_model)
+    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, activation: str, p: float,
+                chunks: int, rng: Optional[RngState]) -> Tensor:
+        out = x.new_empty(x.shape[0], w2.shape[0])  # (M, d_model)
         for xc, oc in zip(x.tensor_split(chunks), out.tensor_split(chunks)):
-            oc.copy_(fn(xc))
-        ctx.save_for_backward(x)
-        ctx.fn, ctx.chunks, ctx.rng, ctx.params = fn, chunks, rng, params
+            torch.addmm(b2, _chunk_hidden(xc, w1, b1, activation, p)[0], w2.t(), out=oc)
+        ctx.save_for_backward(x, w1, b1, w2, b2)
+        ctx.activation, ctx.p, ctx.chunks, ctx.rng = activation, p, chunks, rng
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        (x,) = ctx.saved_tensors
+        x, w1, b1, w2, b2 = ctx.saved_tensors
         grad_x = torch.empty_like(x)
-        grad_params: list[Tensor] = []
-        chunks = zip(x.tensor_split(ctx.chunks), grad_out.tensor_split(ctx.chunks), grad_x.tensor_split(ctx.chunks))
-        with ctx.rng.replay() if ctx.rng is not None else nullcontext(), torch.enable_grad():
-            for xc, gc, gxc in chunks:
-                xc = xc.detach().requires_grad_()
-                gx, *gp = torch.autograd.grad(ctx.fn(xc), (xc, *ctx.params), gc)
-                gxc.copy_(gx)
-                grad_params = gp if not grad_params else [acc.add_(g) for acc, g in zip(grad_params, gp)]
-        return (grad_x, None, None, None, *grad_params)
+        grads = [torch.zeros_like(t) for t in (w1, b1, w2, b2)]
+        pieces = zip(x.tensor_split(ctx.chunks), grad_out.tensor_split(ctx.chunks), grad_x.tensor_split(ctx.chunks))
+        with ctx.rng.replay() if ctx.rng is not None else nullcontext():
+            for xc, gc, gxc in pieces:
+                _chunk_backward(xc, gc, gxc, w1, b1, w2, grads, ctx.activation, ctx.p)
+        return (grad_x, *grads, None, None, None, None)
 
 
 class ChunkedFeedForward(FeedForward):
     """``FeedForward`` applied to ``chunks`` slices of the positions one after another.
 
     The ``(positions, d_ff)`` hidden activation never exists whole, in forward or backward:
-    forward keeps only the input, and backward recomputes each chunk's hidden activation
-    (dropout replays exactly: the RNG state is saved, then restored for the recompute) and
-    back-propagates it before moving on. Peak extra memory is about ``1/chunks`` of
-    ``FeedForward``'s, at the price of one more forward pass in backward.
+    forward keeps only the input, and backward recomputes each chunk's hidden activation and
+    back-propagates it (by hand, in place where possible) before moving on. Peak extra memory
+    for the hidden activations is about ``1/chunks`` of ``FeedForward``'s, at the price of one
+    more forward pass in backward.
 
     Same parameters and ``state_dict`` keys as ``FeedForward`` (``w1``, ``w2``), so weights move
-    between the two, and, with dropout off, the same outputs and gradients.
+    between the two, and, without dropout, the same outputs and gradients. Dropout draws a bool
+    keep-mask per chunk with ``bernoulli_`` (masks differ from ``FeedForward``'s, same
+    distribution); the RNG state is saved in forward and restored for the recompute, so
+    backward uses exactly the forward's masks. Not twice differentiable.
 
     Args:
         d_model, d_ff, activation, dropout: as for ``FeedForward``.
@@ -99,10 +141,10 @@ class ChunkedFeedForward(FeedForward):
         """x: ``(..., d_model)`` -> ``(..., d_model)``."""
         if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be a tensor of shape (..., d_model={self.d_model}), got {_shape(x)}")
-        flat = x.reshape(-1, self.d_model)  # (M, d_model), M = B * N
-        params = tuple(p for p in self.parameters() if p.requires_grad)
-        rng = RngState.capture() if self.training and self.dropout.p > 0 else None
-        out = _ChunkedFeedForwardFn.apply(flat, super().forward, self.chunks, rng, *params)
+        p = self.dropout.p if self.training else 0.0
+        rng = RngState.capture() if p > 0 else None
+        out = _ChunkedFeedForwardFn.apply(x.reshape(-1, self.d_model), self.w1.weight, self.w1.bias,
+                                          self.w2.weight, self.w2.bias, self.activation_name, p, self.chunks, rng)
         return out.view(x.shape)
 
     def extra_repr(self) -> str:
