@@ -19,6 +19,7 @@ from reformer.kernels._checks import check_key_padding_mask
 
 from ._validation import check_tokens
 from .attention import MultiHeadAttention
+from .chunked_loss import chunked_cross_entropy
 from .config import ReformerConfig
 from .feedforward import ChunkedFeedForward, FeedForward
 from .positional import AxialPositionalEncoding, SinusoidalPositionalEncoding
@@ -99,13 +100,20 @@ class ReformerLM(nn.Module):
         return self.head(self.hidden(tokens, key_padding_mask=key_padding_mask))
 
     def loss(self, tokens: Tensor) -> Tensor:
-        """Mean next-token cross-entropy of ``tokens`` ``(B, N)``, N >= 2: position i predicts i + 1."""
+        """Mean next-token cross-entropy of ``tokens`` ``(B, N)``, N >= 2: position i predicts i + 1.
+
+        With ``ff_chunks > 1`` the head and the loss run over that many slices of the positions
+        (``chunked_cross_entropy``), so the ``(B, N, vocab)`` logits never exist whole.
+        """
         self._check_causal("loss")
         check_tokens("tokens", tokens, self.config.vocab_size, self.config.max_seq_len)
         if tokens.shape[1] < 2:
             raise ValueError(f"tokens must have at least 2 positions for a next-token loss, got {tokens.shape[1]}")
-        logits = self(tokens)[:, :-1]  # (B, N-1, V)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1).long())
+        features = self.hidden(tokens)[:, :-1].reshape(-1, 2 * self.config.d_model)  # (B * (N-1), 2d)
+        targets = tokens[:, 1:].reshape(-1).long()
+        if self.config.ff_chunks > 1:
+            return chunked_cross_entropy(features, self.head.weight, self.head.bias, targets, self.config.ff_chunks)
+        return F.cross_entropy(self.head(features), targets)
 
     @torch.no_grad()
     def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0,

@@ -1,12 +1,15 @@
 """ChunkedFeedForward: same outputs, gradients and state_dict as FeedForward; dropout replays
-exactly in the backward recompute; the (positions, d_ff) hidden tensor never exists whole."""
+exactly in the backward recompute; the (positions, d_ff) hidden tensor never exists whole.
+chunked_cross_entropy: same loss and gradients as the whole logits, which never exist whole."""
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from reformer import ChunkedFeedForward, FeedForward
+from reformer.chunked_loss import chunked_cross_entropy
 
 
 def grads(module, x, out):
@@ -116,3 +119,41 @@ def test_bad_arguments_raise():
         ChunkedFeedForward(8, 16, 2, activation="tanh")
     with pytest.raises(ValueError, match="d_model=8"):
         ChunkedFeedForward(8, 16, 2)(torch.zeros(2, 3, 5))
+
+
+@pytest.mark.parametrize("rows, chunks, with_bias", [(37, 5, True), (6, 9, False), (20, 1, True)])
+def test_chunked_cross_entropy_matches_whole_logits(rows, chunks, with_bias):
+    torch.manual_seed(0)
+    hidden = torch.randn(rows, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 8, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(50, dtype=torch.float64, requires_grad=True) if with_bias else None
+    targets = torch.randint(0, 50, (rows,))
+    inputs = [t for t in (hidden, weight, bias) if t is not None]
+    loss = chunked_cross_entropy(hidden, weight, bias, targets, chunks)
+    expected = F.cross_entropy(F.linear(hidden, weight, bias), targets)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    for g, g_ref in zip(torch.autograd.grad(3 * loss, inputs), torch.autograd.grad(3 * expected, inputs)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_chunked_cross_entropy_never_holds_all_logits():
+    hidden = torch.randn(64, 8, requires_grad=True)
+    weight = torch.randn(40, 8, requires_grad=True)
+    targets = torch.randint(0, 40, (64,))
+    with _HiddenSizes(40) as fwd:
+        loss = chunked_cross_entropy(hidden, weight, None, targets, 8)
+    with _HiddenSizes(40) as bwd:
+        loss.backward()
+    assert fwd.rows and bwd.rows and max(fwd.rows) == 8 and max(bwd.rows) == 8
+
+
+def test_chunked_cross_entropy_bad_arguments_raise():
+    hidden, weight, targets = torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="agree on D"):
+        chunked_cross_entropy(hidden, torch.randn(10, 7), None, targets, 2)
+    with pytest.raises(ValueError, match="targets must have shape"):
+        chunked_cross_entropy(hidden, weight, None, targets[:3], 2)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        chunked_cross_entropy(hidden, weight, torch.zeros(9), targets, 2)
+    with pytest.raises(ValueError, match="chunks"):
+        chunked_cross_entropy(hidden, weight, None, targets, 0)
