@@ -35,7 +35,8 @@ class ReformerConfig:
         causal: position i sees only positions <= i (needed by ``loss`` and ``generate``).
         reversible: reversible blocks (activation memory independent of depth) or the same
             two-stream network with ordinary autograd.
-        ff_chunks: the feed-forward runs over this many slices of the positions (1 = whole).
+        ff_chunks: the feed-forward, and the head + loss of ``ReformerLM.loss``, run over this many
+            slices of the positions (1 = whole).
         axial_shape: learned axial positions over this grid (product >= max_seq_len;
             d_model is split evenly across the axes, so it must be divisible by their count);
             None = fixed sinusoidal positions.
