@@ -52,7 +52,8 @@ def model_plot(records: list[dict], path: Path, title: str) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     for col, sweep, xname in ((0, "depth", "depth"), (1, "length", "seq_len")):
         sub = [r for r in records if r["params"].get("sweep") == sweep]
-        for row, key, label in ((0, "peak_mem_mib", "peak extra memory (MiB)"), (1, "time_fwdbwd_ms", "train step (ms)")):
+        for row, key, label in ((0, "peak_mem_mib", "peak extra memory (MiB)"),
+                                (1, "time_fwdbwd_ms", "train step (ms)")):
             ax = axes[row][col]
             _lines(ax, sub, lambda r: r["params"][xname], key)
             ax.set(xlabel="depth" if sweep == "depth" else "sequence length N", ylabel=label,

@@ -66,9 +66,10 @@ def _cell(record: dict[str, Any], key: str) -> str:
     if record["status"] == "ok":
         return _fmt(record[key])
     note = record["note"]
-    if record["status"] == "skipped" and note.startswith("est. "):
-        return f"skip ({note.split(' >')[0]})"
-    return {"skipped": "skip", "unavailable": "n/a"}.get(record["status"], record["status"])
+    if record["status"] == "skipped":
+        short = note.split(" >")[0] if note.startswith("est. ") else note if note == "needs CUDA" else ""
+        return f"skip ({short})" if short else "skip"
+    return {"unavailable": "n/a"}.get(record["status"], record["status"])
 
 
 def attention_tables(records: list[dict[str, Any]], markdown: bool = False) -> str:
@@ -110,7 +111,7 @@ def quality_table(records: list[dict[str, Any]], markdown: bool = False) -> str:
 
 def _notes(records: list[dict[str, Any]]) -> str:
     notes = dict.fromkeys(f"- {r['series']}: {r['status']} ({r['note']})" for r in records
-                          if r["status"] != "ok" and not r["note"].startswith("est. "))
+                          if r["status"] != "ok" and not r["note"].startswith("est. ") and r["note"] != "needs CUDA")
     return "\n".join(notes)
 
 

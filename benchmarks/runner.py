@@ -75,7 +75,8 @@ def preflight(case: Case, provider: Provider, opts: RunOptions, history: _Series
         return make_record(case, "skipped", f"est. {est / GIB:.1f} GiB > limit {opts.mem_limit_bytes / GIB:.1f} GiB",
                            est_mem_mib=est / 2**20)
     if case.series in history.too_slow:
-        return make_record(case, "skipped", f"a shorter case ran out of time (> {opts.max_call_s:.0f} s per call)")
+        return make_record(case, "skipped",
+                           f"a shorter case of this series was already over {opts.max_call_s:.0f} s per call")
     predicted = history.predict_s(case, provider)
     if predicted is not None and predicted > opts.max_call_s:
         return make_record(case, "skipped", f"est. {predicted:.0f} s per call > {opts.max_call_s:.0f} s")

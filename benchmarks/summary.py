@@ -57,7 +57,8 @@ def at_longest(records: list[dict], fast: str, base: str) -> str:
         return (f"N = {n}: {fast} {t_fast[n]:,.0f} ms, {m_fast[n]:,.0f} MiB; {base} {base_rec['status']} "
                 f"({base_rec['note']})")
     t_base, m_base = base_rec["time_fwdbwd_ms"], base_rec["peak_mem_mib"]
-    return (f"N = {n}: {fast} {t_fast[n]:,.0f} ms vs {base} {t_base:,.0f} ms ({_times(t_base, t_fast[n], 'faster', 'slower')}); "
+    speed = _times(t_base, t_fast[n], "faster", "slower")
+    return (f"N = {n}: {fast} {t_fast[n]:,.0f} ms vs {base} {t_base:,.0f} ms ({speed}); "
             f"peak {m_fast[n]:,.0f} MiB vs {m_base:,.0f} MiB ({_times(m_base, m_fast[n], 'less', 'more')})")
 
 

@@ -40,7 +40,8 @@ def _error_note(proc: subprocess.CompletedProcess) -> str:
 def run_case(case: Case, *, device: str, repeats: int, budget_s: float, timeout_s: float,
              threads: Optional[int] = None) -> dict[str, Any]:
     """Runs one case in a fresh process; returns its record (``ok``, ``timeout`` or ``error``)."""
-    spec = {"case": dataclasses.asdict(case), "device": device, "repeats": repeats, "budget_s": budget_s, "threads": threads}
+    spec = {"case": dataclasses.asdict(case), "device": device, "repeats": repeats, "budget_s": budget_s,
+            "threads": threads}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")])))
     try:
         proc = subprocess.run([sys.executable, "-m", f"{__package__}.worker"], input=json.dumps(spec),
