@@ -24,6 +24,13 @@ def _lines(ax, records: list[dict], x: Callable[[dict], float], key: str) -> Non
             ax.plot(*zip(*points), marker="o", label=series)
 
 
+def _shapes(records: list[dict], keys: tuple[str, ...]) -> str:
+    """The parameters shared by every record, e.g. ``B=1 H=8 D=64``."""
+    shared = {k: records[0]["params"].get(k) for k in keys}
+    shared = {k: v for k, v in shared.items() if v is not None and all(r["params"].get(k) == v for r in records)}
+    return " ".join(f"{k}={v}" for k, v in shared.items())
+
+
 def _save(fig, path: Path) -> None:
     for ax in fig.axes:
         ax.grid(True, which="both", alpha=0.3)
@@ -43,24 +50,42 @@ def attention_plot(records: list[dict], path: Path, title: str) -> None:
         _lines(ax, records, seq_len, key)
         ax.set(xscale="log", yscale="log", xlabel="sequence length N", ylabel=label)
         ax.set_xscale("log", base=2)
-    fig.suptitle(title, fontsize=9)
+    shapes = _shapes(records, ("batch", "heads", "head_dim", "bucket_size", "dtype", "causal"))
+    fig.suptitle(f"attention forward+backward | {shapes}\n{title}", fontsize=9)
     _save(fig, path)
 
 
+def _ffn_bars(ax, records: list[dict], key: str, label: str) -> None:
+    ran = [r for r in records if r["status"] == "ok"]
+    ax.bar([f"ff_chunks={r['params']['ff_chunks']}" for r in ran], [r[key] for r in ran])
+    ax.set(ylabel=label, title=f"feed-forward step, N={records[0]['params']['seq_len']} "
+                               f"d_ff={records[0]['params']['d_ff']}")
+
+
 def model_plot(records: list[dict], path: Path, title: str) -> None:
+    """Columns: the depth sweep, the length sweep, the feed-forward step (those present)."""
     records = [r for r in records if r["benchmark"] == "model"]
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    for col, sweep, xname in ((0, "depth", "depth"), (1, "length", "seq_len")):
-        sub = [r for r in records if r["params"].get("sweep") == sweep]
-        for row, key, label in ((0, "peak_mem_mib", "peak extra memory (MiB)"),
-                                (1, "time_fwdbwd_ms", "train step (ms)")):
+    sweeps = [s for s in ("depth", "length", "ffn") if any(r["params"]["sweep"] == s for r in records)]
+    fig, axes = plt.subplots(2, len(sweeps), figsize=(5.5 * len(sweeps), 8), squeeze=False)
+    rows = ((0, "peak_mem_mib", "peak extra memory (MiB)"), (1, "time_fwdbwd_ms", "train step (ms)"))
+    for col, sweep in enumerate(sweeps):
+        sub = [r for r in records if r["params"]["sweep"] == sweep]
+        for row, key, label in rows:
             ax = axes[row][col]
+            if sweep == "ffn":
+                _ffn_bars(ax, sub, key, label)
+                continue
+            xname = "depth" if sweep == "depth" else "seq_len"
             _lines(ax, sub, lambda r: r["params"][xname], key)
-            ax.set(xlabel="depth" if sweep == "depth" else "sequence length N", ylabel=label,
-                   title=f"{sweep} sweep")
+            ax.set(xlabel="depth" if sweep == "depth" else "sequence length N", ylabel=label, title=f"{sweep} sweep")
+            ax.set_xticks(sorted({r["params"][xname] for r in sub}))
             if sweep == "length":
                 ax.set(xscale="log", yscale="log")
-    fig.suptitle(title, fontsize=9)
+            else:
+                ax.set_ylim(bottom=0)
+    lm = [r for r in records if r["params"]["sweep"] != "ffn"] or records
+    shapes = _shapes(lm, ("vocab_size", "d_model", "n_heads", "d_ff", "bucket_size", "n_hashes", "dtype"))
+    fig.suptitle(f"training step, batch 1 | {shapes}\n{title}", fontsize=9)
     _save(fig, path)
 
 
@@ -71,7 +96,8 @@ def quality_plot(records: list[dict], path: Path, title: str) -> None:
         _lines(ax, records, lambda r: r["params"]["n_hashes"], key)
         ax.set(xscale="log", xlabel="n_hashes", ylabel=label)
         ax.set_xscale("log", base=2)
-    fig.suptitle(title, fontsize=9)
+    shapes = _shapes(records, ("batch", "heads", "seq_len", "head_dim", "seeds", "top_k"))
+    fig.suptitle(f"LSH vs full shared-QK attention | {shapes}\n{title}", fontsize=9)
     _save(fig, path)
 
 

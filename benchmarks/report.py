@@ -22,6 +22,7 @@
          "warmup_ms": float,          # the warm-up call              (measured cases)
          "est_mem_mib": float,        # the estimate used for skipping (attention, model)
          "flops_fwd": float,          # forward FLOPs by the documented formula (attention, model)
+         "gflops_fwdbwd": float,      # 3.5 * flops_fwd / time_fwdbwd  (measured attention, model)
          "rel_err", "recall_at_k", "mass_recall": float}   # quality records only
       ]
     }

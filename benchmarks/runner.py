@@ -25,6 +25,7 @@ from .cases import Case, Provider, make_record
 from .worker import load_provider, run_case
 
 GIB = 2**30
+BWD_FLOPS_FACTOR = 3.5  # forward+backward FLOPs = forward FLOPs x (1 + 2.5), as flash-attention counts
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,8 @@ def run_cases(cases: list[Case], opts: RunOptions, desc: str,
             threads=opts.threads)
         record.setdefault("est_mem_mib", provider.est_bytes(case.params) / 2**20)
         record["flops_fwd"] = provider.cost(case.params)
+        if record["status"] == "ok":
+            record["gflops_fwdbwd"] = BWD_FLOPS_FACTOR * record["flops_fwd"] / (record["time_fwdbwd_ms"] * 1e6)
         history.update(case, provider, record)
         records.append(record)
     return records
