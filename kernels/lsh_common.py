@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 
 KEY_EPS = 1e-6  # keys are qk / max(||qk||_2, KEY_EPS)
 SELF_LOGIT = -1e5  # logit of a query against its own position (attended only when nothing else is)
-HASH_SLAB_BYTES = 64 * 2**20  # bound on the rotated-vector buffer while hashing
+HASH_SLAB_BYTES = 16 * 2**20  # bound on the rotated-vector buffer while hashing
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -148,6 +148,38 @@ def _self_only_rebase(lse: Tensor, n_hashes: int) -> tuple[Tensor, Tensor]:
     return lse.masked_fill(self_only, SELF_LOGIT), factor
 
 
+def _forward_round(core: ModuleType, qk_rows: Tensor, v_rows: Tensor, pos: Tensor, idx: Tensor,
+                   sums: tuple[Tensor, Tensor, Tensor], groups: int, bucket_size: int, causal: bool) -> None:
+    """Run ``core.fwd`` on one round (rows ``(G*N, D)`` gathered by ``idx``) and fold it into
+    the running ``sums = (out, top, total)`` (see :func:`_merge_round`). A function of its own
+    so the round's buffers are freed before the next round allocates its own."""
+    rows, d = qk_rows.shape
+    n, n_pad = rows // groups, padded_length(rows // groups, bucket_size)
+    out_r, lse_r = core.fwd(
+        _sorted(qk_rows, idx, groups, n_pad, 0.0), _sorted(v_rows, idx, groups, n_pad, 0.0),
+        _sorted(pos, idx, groups, n_pad, -1), bucket_size=bucket_size, causal=causal, scale=d**-0.5,
+    )
+    _merge_round(*sums, out_r[:, :n].reshape(-1, d), lse_r[:, :n].reshape(-1), idx)
+
+
+def _backward_round(core: ModuleType, rows: tuple[Tensor, ...], idx: Tensor, grads: tuple[Tensor, Tensor],
+                    groups: int, bucket_size: int, causal: bool) -> None:
+    """Gather one round of ``rows = (qk, v, dO, pos, lse, delta, factor)`` (each ``(G*N, ...)``),
+    run ``core.bwd`` and scatter-add its dqk, dv into ``grads = (dqk, dv)`` ``(G*N, D)``."""
+    qk_rows, v_rows, do_rows, pos, lse, delta, factor = rows
+    n_rows, d = qk_rows.shape
+    n, n_pad = n_rows // groups, padded_length(n_rows // groups, bucket_size)
+    sdo = _sorted(do_rows, idx, groups, n_pad, 0.0)
+    sdo.mul_(_sorted(factor, idx, groups, n_pad, 1.0).unsqueeze(-1).to(sdo.dtype))
+    dqk_r, dv_r = core.bwd(
+        _sorted(qk_rows, idx, groups, n_pad, 0.0), _sorted(v_rows, idx, groups, n_pad, 0.0),
+        _sorted(pos, idx, groups, n_pad, -1), sdo, _sorted(lse, idx, groups, n_pad, float("-inf")),
+        _sorted(delta, idx, groups, n_pad, 0.0), bucket_size=bucket_size, causal=causal, scale=d**-0.5,
+    )
+    for grad, grad_r in zip(grads, (dqk_r, dv_r)):
+        grad.index_add_(0, idx, grad_r[:, :n].reshape(-1, d).to(grad.dtype))
+
+
 class LSHAttentionFunction(torch.autograd.Function):
     """Multi-round shared-QK LSH attention over flattened heads, generic over a core.
 
@@ -161,18 +193,13 @@ class LSHAttentionFunction(torch.autograd.Function):
     def forward(ctx: Any, qk: Tensor, v: Tensor, pos: Tensor, sort_idx: Tensor, core: ModuleType,
                 bucket_size: int, causal: bool) -> tuple[Tensor, Tensor]:
         g, n, d = qk.shape
-        n_pad = padded_length(n, bucket_size)
         acc = compute_dtype(qk.dtype)
         out = torch.zeros(g * n, d, dtype=acc, device=qk.device)
         top = torch.full((g * n,), float("-inf"), dtype=acc, device=qk.device)
         total = torch.zeros_like(top)
         qk_rows, v_rows = qk.reshape(g * n, d), v.reshape(g * n, d)
         for idx in sort_idx:
-            out_r, lse_r = core.fwd(
-                _sorted(qk_rows, idx, g, n_pad, 0.0), _sorted(v_rows, idx, g, n_pad, 0.0),
-                _sorted(pos, idx, g, n_pad, -1), bucket_size=bucket_size, causal=causal, scale=d**-0.5,
-            )
-            _merge_round(out, top, total, out_r[:, :n].reshape(-1, d), lse_r[:, :n].reshape(-1), idx)
+            _forward_round(core, qk_rows, v_rows, pos, idx, (out, top, total), g, bucket_size, causal)
         out = out.div_(total.masked_fill(total == 0, 1.0).unsqueeze(-1)).view(g, n, d).to(qk.dtype)
         lse = top.add_(total.log_()).view(g, n)
         ctx.save_for_backward(qk, v, pos, sort_idx, out, lse)
@@ -184,7 +211,6 @@ class LSHAttentionFunction(torch.autograd.Function):
     def backward(ctx: Any, dout: Tensor, dlse: Tensor) -> tuple[Optional[Tensor], ...]:
         qk, v, pos, sort_idx, out, lse = ctx.saved_tensors
         g, n, d = qk.shape
-        n_pad = padded_length(n, ctx.bucket_size)
         acc = compute_dtype(qk.dtype)
         lse_rows, factor = _self_only_rebase(lse.reshape(-1), sort_idx.shape[0])
         delta = ((dout.to(acc) * out.to(acc)).sum(-1) - dlse.to(acc)).reshape(-1) * factor  # (G*N,)
@@ -192,15 +218,8 @@ class LSHAttentionFunction(torch.autograd.Function):
         dqk = torch.zeros(g * n, d, dtype=acc, device=qk.device)
         dv = torch.zeros_like(dqk)
         for idx in sort_idx:
-            sdo = _sorted(do_rows, idx, g, n_pad, 0.0)
-            sdo.mul_(_sorted(factor, idx, g, n_pad, 1.0).unsqueeze(-1).to(sdo.dtype))
-            dqk_r, dv_r = ctx.core.bwd(
-                _sorted(qk_rows, idx, g, n_pad, 0.0), _sorted(v_rows, idx, g, n_pad, 0.0),
-                _sorted(pos, idx, g, n_pad, -1), sdo, _sorted(lse_rows, idx, g, n_pad, float("-inf")),
-                _sorted(delta, idx, g, n_pad, 0.0), bucket_size=ctx.bucket_size, causal=ctx.causal, scale=d**-0.5,
-            )
-            dqk.index_add_(0, idx, dqk_r[:, :n].reshape(-1, d).to(acc))
-            dv.index_add_(0, idx, dv_r[:, :n].reshape(-1, d).to(acc))
+            _backward_round(ctx.core, (qk_rows, v_rows, do_rows, pos, lse_rows, delta, factor), idx, (dqk, dv),
+                            g, ctx.bucket_size, ctx.causal)
         return dqk.view(g, n, d).to(qk.dtype), dv.view(g, n, d).to(v.dtype), None, None, None, None, None
 
 

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .lsh_common import KEY_EPS, SELF_LOGIT, compute_dtype
 
-SLAB_LOGITS_BYTES = 8 * 2**20
+SLAB_LOGITS_BYTES = 2 * 2**20
 
 
 class _Round:
@@ -141,8 +141,8 @@ def _normalise_backward(rnd: _Round, pairs: Tensor, k: Tensor, dk: Tensor) -> Te
     g, n, kk, _ = k.shape
     inv = rnd.inv_norm[:, pairs].view(g, n, kk, 1)
     ok = rnd.norm_ok[:, pairs].view(g, n, kk, 1)
-    radial = (k * dk).sum(-1, keepdim=True).mul_(ok)
-    return dk.sub_(k * radial).mul_(inv)
+    radial = torch.linalg.vecdot(k, dk).unsqueeze(-1).mul_(ok)
+    return dk.addcmul_(k, radial, value=-1.0).mul_(inv)
 
 
 def _add_pairs(acc: Tensor, pairs: Tensor, src: Tensor) -> None:

@@ -58,3 +58,10 @@ def check_tokens(name: str, tokens: object, vocab_size: int, max_len: Optional[i
             f"{name} ids must be in [0, {vocab_size}), got range [{int(tokens.min())}, {int(tokens.max())}]"
         )
     return tokens
+
+
+def check_seed(seed: object) -> Optional[int]:
+    """``seed`` is an int or None."""
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise TypeError(f"seed must be an int or None, got {seed!r}")
+    return seed

@@ -1,0 +1,238 @@
+"""LSHSelfAttention and LSHMultiheadAttention (the nn.MultiheadAttention drop-in)."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from reformer import LSHMultiheadAttention, LSHSelfAttention
+from test_lsh_attention import full_shared_qk
+
+D_MODEL, HEADS = 16, 2
+
+
+def features(b=2, n=12, seed=0):
+    return torch.randn(b, n, D_MODEL, generator=torch.Generator().manual_seed(seed))
+
+
+def left_aligned_mask(lengths, n):
+    return torch.arange(n)[None, :] >= torch.tensor(lengths)[:, None]  # True = padding
+
+
+def full_reference(x, qk_weight, qk_bias, v_weight, v_bias, out_proj, causal=False, mask=None):
+    """Full shared-QK attention (rule 7's right-hand side) with the given projections: (B, N, E)."""
+    split = lambda t: rearrange(t, "b n (h d) -> b h n d", h=HEADS)
+    out = full_shared_qk(split(F.linear(x, qk_weight, qk_bias)), split(F.linear(x, v_weight, v_bias)), causal, mask)
+    return out_proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
+def module_reference(module, x, causal=False, mask=None):
+    return full_reference(x, module.qk_proj.weight, module.qk_proj.bias, module.v_proj.weight, module.v_proj.bias,
+                          module.out_proj, causal, mask)
+
+
+def tied_mha(seed=0):
+    """An nn.MultiheadAttention whose key projection equals its query projection."""
+    torch.manual_seed(seed)
+    mha = nn.MultiheadAttention(D_MODEL, HEADS, batch_first=True)
+    with torch.no_grad():
+        mha.in_proj_weight[D_MODEL:2 * D_MODEL] = mha.in_proj_weight[:D_MODEL]
+        mha.in_proj_bias[D_MODEL:2 * D_MODEL] = mha.in_proj_bias[:D_MODEL]
+    return mha.eval()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_self_attention_with_one_chunk_equals_full_reference(causal):
+    torch.manual_seed(0)
+    attn = LSHSelfAttention(D_MODEL, HEADS, bucket_size=16, n_hashes=2, causal=causal).eval()
+    x, mask = features(), left_aligned_mask([12, 9], 12)
+    out = attn(x, key_padding_mask=mask)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, module_reference(attn, x, causal, mask), atol=1e-5, rtol=0)
+
+
+def test_training_draws_fresh_rotations_that_replay_with_the_rng_state():
+    torch.manual_seed(0)
+    attn = LSHSelfAttention(D_MODEL, HEADS, bucket_size=4, n_hashes=2, seed=3).train()
+    x = features(n=40)
+    state = torch.get_rng_state()
+    first, second = attn(x), attn(x)
+    assert not torch.equal(first, second)  # fresh rotations per forward (seed is for eval only)
+    torch.set_rng_state(state)
+    assert torch.equal(attn(x), first)
+
+
+def test_eval_with_seed_is_fixed_and_ignores_the_global_rng():
+    torch.manual_seed(0)
+    attn = LSHSelfAttention(D_MODEL, HEADS, bucket_size=4, n_hashes=2, seed=3).eval()
+    x = features(n=40)
+    first = attn(x)
+    torch.manual_seed(123)
+    assert torch.equal(attn(x), first)
+    other = LSHSelfAttention(D_MODEL, HEADS, bucket_size=4, n_hashes=2, seed=4).eval()
+    other.load_state_dict(attn.state_dict())
+    assert not torch.equal(other(x), first)
+
+
+def test_dropout_acts_on_the_attention_output_in_training_only():
+    torch.manual_seed(0)
+    attn = LSHSelfAttention(D_MODEL, HEADS, bucket_size=16, n_hashes=1, dropout=0.5, seed=0)
+    x = features()
+    attn.eval()
+    clean = attn(x)
+    attn.train()
+    torch.manual_seed(1)
+    noisy = attn(x)
+    torch.manual_seed(1)
+    assert torch.equal(noisy, attn(x)) and not torch.allclose(noisy, clean)
+
+
+def test_from_torch_with_one_chunk_equals_shared_qk_attention_with_the_mha_weights():
+    mha = tied_mha()
+    lsh = LSHMultiheadAttention.from_torch(mha, bucket_size=16, n_hashes=2, seed=0).eval()
+    e, w, b = D_MODEL, mha.in_proj_weight, mha.in_proj_bias
+    x, mask = features(), left_aligned_mask([12, 7], 12)
+    out, weights = lsh(x, x, x, key_padding_mask=mask)
+    assert weights is None
+    ref = full_reference(x, w[:e], b[:e], w[2 * e:], b[2 * e:], mha.out_proj, mask=mask)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_from_torch_batch_first_false_and_unbatched_inputs():
+    mha = nn.MultiheadAttention(D_MODEL, HEADS, batch_first=False)
+    lsh = LSHMultiheadAttention.from_torch(mha, bucket_size=4, n_hashes=2, seed=0).eval()
+    x = features()
+    seq_first = x.transpose(0, 1).contiguous()
+    out = lsh(seq_first, seq_first, seq_first)[0]
+    lsh.batch_first = True
+    torch.testing.assert_close(out.transpose(0, 1), lsh(x, x, x)[0])
+    single = x[0]
+    torch.testing.assert_close(lsh(single, single, single)[0], lsh(x[:1], x[:1], x[:1])[0][0])
+
+
+def test_is_causal_and_causal_attn_masks_select_causal_attention():
+    torch.manual_seed(0)
+    lsh = LSHMultiheadAttention(D_MODEL, HEADS, bucket_size=16, n_hashes=2, seed=0).eval()
+    x = features()
+    ref = module_reference(lsh, x, causal=True)
+    bool_mask = torch.ones(12, 12, dtype=torch.bool).triu(1)
+    float_mask = nn.Transformer.generate_square_subsequent_mask(12)
+    for kwargs in (dict(is_causal=True), dict(attn_mask=bool_mask), dict(attn_mask=float_mask, is_causal=True)):
+        torch.testing.assert_close(lsh(x, x, x, **kwargs)[0], ref, atol=1e-5, rtol=0)
+
+
+def swapped_encoder_layer(bucket_size, seed=0):
+    torch.manual_seed(seed)
+    layer = nn.TransformerEncoderLayer(D_MODEL, HEADS, dim_feedforward=32, dropout=0.0, batch_first=True)
+    original = layer.self_attn
+    layer.self_attn = LSHMultiheadAttention.from_torch(original, bucket_size=bucket_size, n_hashes=2, seed=0)
+    return layer, original
+
+
+def manual_layer(layer, x, attention):
+    """Post-norm nn.TransformerEncoderLayer written out with the given attention output."""
+    h = layer.norm1(x + attention)
+    return layer.norm2(h + layer.linear2(layer.activation(layer.linear1(h))))
+
+
+def test_in_transformer_encoder_layer_eval_no_grad_runs_lsh_not_the_fast_path():
+    x, mask = features(n=24), left_aligned_mask([24, 17], 24)
+    layer, _ = swapped_encoder_layer(bucket_size=32)  # one chunk: equals the full reference
+    layer.eval()
+    with torch.no_grad():
+        out = layer(x, src_key_padding_mask=mask)
+        lsh = layer.self_attn
+        e, w, b = D_MODEL, lsh.qk_proj.weight, lsh.qk_proj.bias
+        full = full_reference(x, w, b, lsh.v_proj.weight, lsh.v_proj.bias, lsh.out_proj, mask=mask)
+        keep = ~mask[..., None]
+        torch.testing.assert_close(out * keep, manual_layer(layer, x, full) * keep, atol=1e-5, rtol=0)
+        layer.self_attn = LSHMultiheadAttention.from_torch(tied_mha(), bucket_size=4, n_hashes=2, seed=0).eval()
+        chunked = layer(x, src_key_padding_mask=mask)
+        direct = layer.self_attn(x, x, x, key_padding_mask=mask)[0]
+        torch.testing.assert_close(chunked, manual_layer(layer, x, direct), atol=1e-5, rtol=0)
+        full = module_reference(layer.self_attn, x, mask=mask)
+        assert (chunked - manual_layer(layer, x, full)).abs().max() > 1e-2  # bucket_size < N is not full
+
+
+def test_in_transformer_encoder_layer_training_with_padding():
+    layer, _ = swapped_encoder_layer(bucket_size=4)
+    layer.train()
+    x, mask = features(n=24), left_aligned_mask([24, 17], 24)
+    torch.manual_seed(5)
+    out = layer(x, src_key_padding_mask=mask)
+    torch.manual_seed(5)
+    direct = layer.self_attn(x, x, x, key_padding_mask=mask)[0]
+    torch.testing.assert_close(out, manual_layer(layer, x, direct), atol=1e-5, rtol=0)
+    out.sum().backward()
+    assert layer.self_attn.qk_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+def test_swapped_transformer_encoder_nested_fast_path_input():
+    """nn.TransformerEncoder built with MHA layers converts padded inputs to nested tensors in
+    eval mode; after swapping in LSH it must still compute LSH attention."""
+    torch.manual_seed(0)
+    template = nn.TransformerEncoderLayer(D_MODEL, HEADS, dim_feedforward=32, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(template, num_layers=2).eval()
+    for layer in encoder.layers:
+        layer.self_attn = LSHMultiheadAttention.from_torch(layer.self_attn, bucket_size=4, n_hashes=2, seed=0).eval()
+    x, mask = features(n=24), left_aligned_mask([24, 17], 24)
+    with torch.no_grad():
+        out = encoder(x, src_key_padding_mask=mask)
+        expected = x
+        for layer in encoder.layers:
+            expected = manual_layer(layer, expected, layer.self_attn(expected, expected, expected,
+                                                                     key_padding_mask=mask)[0])
+    keep = ~mask[..., None]
+    torch.testing.assert_close(out * keep, expected * keep, atol=1e-5, rtol=0)
+
+
+def test_encoder_built_from_an_lsh_layer_declines_nested_tensors():
+    layer, _ = swapped_encoder_layer(bucket_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that enable_nested_tensor is turned off
+        encoder = nn.TransformerEncoder(layer, num_layers=2).eval()
+    assert not encoder.use_nested_tensor
+    x, mask = features(n=24), left_aligned_mask([24, 17], 24)
+    with torch.no_grad():
+        out = encoder(x, src_key_padding_mask=mask)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda m, x: m(x, x, x, need_weights=True), "need_weights=True is not supported"),
+    (lambda m, x: m(x, x.clone(), x), "key and value must be the same tensor as query"),
+    (lambda m, x: m(x, x, torch.zeros_like(x)), "key and value must be the same tensor as query"),
+    (lambda m, x: m(x, x, x, attn_mask=torch.ones(12, 12, dtype=torch.bool).tril()), "only the causal attn_mask"),
+    (lambda m, x: m(x, x, x, attn_mask=torch.zeros(12, 12)), "only the causal attn_mask"),
+    (lambda m, x: m(x, x, x, attn_mask=torch.zeros(4, 12, 12, dtype=torch.bool)), "only the causal attn_mask"),
+    (lambda m, x: m(x, x, x, key_padding_mask=torch.full((2, 12), -1e4)), "only 0 \\(keep\\) and -inf"),
+    (lambda m, x: m(x, x, x, key_padding_mask=torch.zeros(2, 12, dtype=torch.long)), "bool .* or float"),
+    (lambda m, x: m(x, x, x, key_padding_mask=torch.zeros(2, 11, dtype=torch.bool)), "key_padding_mask must have shape"),
+    (lambda m, x: m(x[..., :8], x[..., :8], x[..., :8]), "last dim d_model=16"),
+    (lambda m, x: m(x[:1], x[1:], x[:1]), "key and value must be the same tensor as query"),
+])
+def test_multihead_attention_rejects_what_lsh_cannot_honour(call, match):
+    module = LSHMultiheadAttention(D_MODEL, HEADS, bucket_size=4)
+    x = features()
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(module, x)
+
+
+@pytest.mark.parametrize("make,error,match", [
+    (lambda: LSHSelfAttention(15, 2), ValueError, "divisible"),
+    (lambda: LSHSelfAttention(16, 2, bucket_size=0), ValueError, "bucket_size must be a positive int"),
+    (lambda: LSHSelfAttention(16, 2, n_hashes=0), ValueError, "n_hashes must be a positive int"),
+    (lambda: LSHSelfAttention(16, 2, seed=1.5), TypeError, "seed must be an int"),
+    (lambda: LSHSelfAttention(16, 2, dropout=1.0), ValueError, "dropout must be in"),
+    (lambda: LSHMultiheadAttention.from_torch(nn.Linear(4, 4)), TypeError, "needs an nn.MultiheadAttention"),
+    (lambda: LSHMultiheadAttention.from_torch(nn.MultiheadAttention(16, 2, kdim=8, vdim=8)), ValueError, "kdim"),
+    (lambda: LSHMultiheadAttention.from_torch(nn.MultiheadAttention(16, 2, add_bias_kv=True)), ValueError, "kdim"),
+])
+def test_bad_construction_raises(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
