@@ -7,12 +7,13 @@ CPU (Linux, glibc): the peak resident set size of the process. Writing ``5`` to
 ``/proc/self/clear_refs`` resets the high-water mark ``VmHWM`` to the current RSS; after the
 call, ``VmHWM - RSS before`` is everything the call made resident (activations, saved tensors,
 workspace, outputs, gradients). For RSS to follow live allocations, glibc must not serve the
-call from memory that earlier calls freed but kept: ``exact_rss_mode()`` (called before the
-workload is built) gives every block >= 128 KiB its own ``mmap``, returned to the kernel when
-freed, and ``malloc_trim(0)`` before the call releases what small blocks left behind. Without
-it, the peak depends on allocation history (at N=512 naive attention read 50-67 MiB instead of
-26 MiB). Timing runs afterwards in ``caching_mode()``, the state glibc's adaptive thresholds
-settle in by themselves, so times are those of an ordinary process.
+call from memory that earlier calls freed but kept: ``exact_rss_mode()`` (set before the
+first call of the workload) gives every block >= 128 KiB its own ``mmap``, returned to the
+kernel when freed, and ``malloc_trim(0)`` before the call releases what small blocks left
+behind. Without it the peak depends on allocation history (naive attention at N=512, B=1, H=8
+read 50-67 MiB instead of 26 MiB; switching modes late, after blocks were already cached, is
+not enough either). Timing runs afterwards in ``caching_mode()``, the state glibc's adaptive
+thresholds settle in by themselves, so times are those of an ordinary process.
 
 The caller runs a warm-up call first (thread pools, kernel caches and ``.grad`` buffers then
 belong to the baseline) and each configuration in a fresh process (``worker.py``).
