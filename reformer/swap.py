@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from torch import nn
 
+from .lsh_attention import LSHMultiheadAttention
 from .positional import AxialPositionalEncoding, SinusoidalPositionalEncoding
 from .swap_hf import is_hf_model, swap_hf_attention
 
@@ -139,8 +140,6 @@ def _swap_torch_attention(model: nn.Module, report: SwapReport, *, bucket_size: 
                           seed: Optional[int], selected: Callable[[str], bool]) -> None:
     """The ``nn.MultiheadAttention`` part of :func:`swap_attention`."""
     for name, parent, attr, mha in _named_children_of_type(model, nn.MultiheadAttention):
-        from .lsh_attention import LSHMultiheadAttention
-
         if not selected(name):
             report.add(name, "skipped", "excluded by include/exclude")
             continue

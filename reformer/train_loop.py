@@ -145,7 +145,7 @@ class Trainer:
 
     def resume(self, path: Path) -> None:
         """Continue exactly where the checkpoint at ``path`` stopped (call before :meth:`fit`)."""
-        state = load_checkpoint(path, map_location=self.ctx.device)
+        state = load_checkpoint(path)  # on CPU: RNG states must stay CPU tensors; weights are copied to the device
         if state["meta"] != self.meta:
             diff = {k: (state["meta"].get(k), v) for k, v in self.meta.items() if state["meta"].get(k) != v}
             raise ValueError(f"checkpoint {path} was written by a different run setup (saved, requested): {diff}")
@@ -188,6 +188,8 @@ class Trainer:
         end = opts.steps if opts.stop_at is None else min(opts.stop_at, opts.steps)
         if ctx.is_main:
             opts.out_dir.mkdir(parents=True, exist_ok=True)
+            if self.step == 0:  # a fresh run in a used folder starts a new log
+                self.log_path.unlink(missing_ok=True)
         model = ctx.wrap(self.model)
         model.train()
         meter = _Meter(opts.batch_size * self.task.seq_len)

@@ -14,7 +14,7 @@ from reformer.train_loop import masked_lm_loss
 TINY = ["--task", "duplication", "--seq-len", "32", "--vocab-size", "8", "--d-model", "32", "--n-heads", "2",
         "--d-ff", "64", "--depth", "2", "--batch-size", "8", "--threads", "1", "--log-every", "1",
         "--warmup", "2", "--lr", "3e-3"]
-LSH = ["--attention", "full"]  # TEMP until LSH lands
+LSH = ["--attention", "lsh", "--bucket-size", "8", "--n-hashes", "2"]
 
 
 def _train(out, *extra):
@@ -71,10 +71,10 @@ def test_masked_loss_counts_only_scored_positions():
 
 
 def test_duplication_learns_above_chance(tmp_path):
-    trainer = _train(tmp_path, *LSH, "--seq-len", "64", "--vocab-size", "16", "--d-model", "64", "--d-ff", "128",
-                     "--batch-size", "16", "--steps", "300", "--eval-every", "300", "--log-every", "50")
+    trainer = _train(tmp_path, *LSH, "--vocab-size", "16", "--d-model", "64", "--d-ff", "128", "--axial-shape", "4,8",
+                     "--batch-size", "16", "--steps", "200", "--eval-every", "200", "--log-every", "50")
     final = trainer.history[-1]
-    assert final["step"] == 300
+    assert final["step"] == 200
     chance = 1 / 15
     assert final["eval_acc"] > 5 * chance, final
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
