@@ -119,13 +119,17 @@ def check_rotations(rotations: object, heads: int, dim: int, n_hashes: int, qk: 
     """``rotations`` is a floating ``(H, D, n_hashes, n_buckets // 2)`` tensor on ``qk``'s device
     (any last dim >= 1 when ``n_buckets`` is None)."""
     if not isinstance(rotations, Tensor):
-        raise TypeError(f"rotations must be a tensor of shape (H, D, n_hashes, n_buckets/2), got {type(rotations).__name__}")
+        raise TypeError(
+            f"rotations must be a tensor of shape (H, D, n_hashes, n_buckets/2), got {type(rotations).__name__}"
+        )
     if not rotations.is_floating_point():
         raise TypeError(f"rotations must be floating point, got {rotations.dtype}")
     half = n_buckets // 2 if n_buckets is not None else (rotations.shape[-1] if rotations.dim() == 4 else "n_buckets/2")
     expected = (heads, dim, n_hashes, half)
     if tuple(rotations.shape) != expected or rotations.shape[3] < 1:
-        raise ValueError(f"rotations must have shape (H, D, n_hashes, n_buckets/2) = {expected}, got {tuple(rotations.shape)}")
+        raise ValueError(
+            f"rotations must have shape (H, D, n_hashes, n_buckets/2) = {expected}, got {tuple(rotations.shape)}"
+        )
     if rotations.device != qk.device:
         raise ValueError(f"rotations must be on qk's device {qk.device}, got {rotations.device}")
     return rotations

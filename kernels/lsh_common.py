@@ -102,7 +102,8 @@ def sort_indices(buckets: Tensor, key_padding_mask: Optional[Tensor], n_buckets:
     return (order + offsets).reshape(order.shape[0], -1)
 
 
-def original_positions(batch: int, heads: int, n: int, key_padding_mask: Optional[Tensor], device) -> Tensor:
+def original_positions(batch: int, heads: int, n: int, key_padding_mask: Optional[Tensor],
+                       device: torch.device) -> Tensor:
     """``(B*H*N,)`` int32: each row's position in its sequence, -1 where padding."""
     pos = torch.arange(n, dtype=torch.int32, device=device).expand(batch, heads, n)
     if key_padding_mask is not None:
@@ -127,11 +128,12 @@ def _merge_round(out: Tensor, top: Tensor, total: Tensor, out_r: Tensor, lse_r: 
     ``total = sum_r exp(lse_r - top)``. Normalising at the end (rather than keeping a running
     lse) keeps rows whose only key is themselves exact: their lse, ``SELF_LOGIT + log(rounds)``,
     is not representable to float32 precision."""
-    lse_rows = torch.full_like(top, float("-inf")).index_copy_(0, idx, lse_r.to(top.dtype))
+    lse_rows = torch.empty_like(top).index_copy_(0, idx, lse_r.to(top.dtype))  # idx is a permutation
     new_top = torch.maximum(top, lse_rows)
     base = new_top.masked_fill(new_top == float("-inf"), 0.0)
     old_weight, weight = torch.exp(top - base), torch.exp(lse_rows - base)
-    out.mul_(old_weight.unsqueeze(-1)).index_add_(0, idx, out_r.to(out.dtype) * weight.index_select(0, idx).unsqueeze(-1))
+    weighted = out_r.to(out.dtype) * weight.index_select(0, idx).unsqueeze(-1)
+    out.mul_(old_weight.unsqueeze(-1)).index_add_(0, idx, weighted)
     total.mul_(old_weight).add_(weight)
     top.copy_(new_top)
 

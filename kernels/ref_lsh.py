@@ -30,8 +30,9 @@ class _Round:
     attends to: ``[c, c-1 mod C]``, or ``[0]`` when there is a single chunk.
     """
 
-    def __init__(self, qk: Tensor, v: Tensor, pos: Tensor, bucket_size: int):
+    def __init__(self, qk: Tensor, v: Tensor, pos: Tensor, bucket_size: int, causal: bool, scale: float):
         g, n_pad, d = qk.shape
+        self.causal, self.scale, self.padded = causal, scale, bool((pos < 0).any())
         self.bs, self.n_chunks, self.dtype = bucket_size, n_pad // bucket_size, compute_dtype(qk.dtype)
         self.qk = qk.view(g, self.n_chunks, bucket_size, d)  # (G, C, bs, D)
         self.v = v.view(g, self.n_chunks, bucket_size, d)
@@ -68,18 +69,23 @@ class _Round:
         return (k.view(g, n // m, m * self.bs, -1), v.view(g, n // m, m * self.bs, -1),
                 self.pos[:, pairs].reshape(g, n // m, m * self.bs), pairs)
 
+    def logits(self, sl: slice, q: Tensor, k: Tensor, pos_k: Tensor) -> Tensor:
+        """Masked logits ``(G, n, bs, K)`` of the queries ``(G, n, bs, D)`` of chunks ``sl``
+        against their keys ``(G, n, K, D)`` at positions ``pos_k (G, n, K)``."""
+        s = torch.matmul(q, k.transpose(-1, -2)).mul_(self.scale)
+        _self_logits(s).fill_(SELF_LOGIT)
+        pos_q, pos_k = self.pos[:, sl].unsqueeze(-1), pos_k.unsqueeze(-2)
+        if self.causal:
+            s.masked_fill_(pos_k > pos_q, float("-inf"))
+        if self.padded:
+            s.masked_fill_(pos_k < 0, float("-inf")).masked_fill_(pos_q < 0, float("-inf"))
+        return s
 
-def _logits(q: Tensor, k: Tensor, pos_q: Tensor, pos_k: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    """Masked logits ``(G, n, bs, K)`` of queries ``(G, n, bs, D)`` against keys ``(G, n, K, D)``,
-    and the bool mask of self entries (own position, logit ``SELF_LOGIT``)."""
-    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
-    pos_q, pos_k = pos_q.unsqueeze(-1), pos_k.unsqueeze(-2)
-    is_self = pos_q == pos_k
-    s.masked_fill_(is_self, SELF_LOGIT)
-    if causal:
-        s.masked_fill_(pos_k > pos_q, float("-inf"))
-    s.masked_fill_(pos_k < 0, float("-inf")).masked_fill_(pos_q < 0, float("-inf"))
-    return s, is_self
+
+def _self_logits(s: Tensor) -> Tensor:
+    """The entries of logits ``s (G, n, bs, K)`` where a query meets its own position: the
+    diagonal of the own-chunk block (keys ``0..bs-1``); each position occurs once per round."""
+    return s[..., : s.shape[-2]].diagonal(dim1=-2, dim2=-1)
 
 
 def fwd(qk: Tensor, v: Tensor, pos: Tensor, *, bucket_size: int, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
@@ -89,13 +95,13 @@ def fwd(qk: Tensor, v: Tensor, pos: Tensor, *, bucket_size: int, causal: bool, s
     Returns out ``(G, Np, D)`` (input dtype) and lse ``(G, Np)`` (float32; float64 for float64
     inputs; -inf where a row has no permitted key, and then out is 0).
     """
-    rnd = _Round(qk, v, pos, bucket_size)
+    rnd = _Round(qk, v, pos, bucket_size, causal, scale)
     out = torch.empty(qk.shape, dtype=qk.dtype, device=qk.device)
     lse = torch.empty(qk.shape[:2], dtype=rnd.dtype, device=qk.device)
     out_c, lse_c = rnd.chunked(out), rnd.chunked(lse)
     for sl in rnd.slabs():
         k, vv, pos_k, _ = rnd.keys(sl)
-        s, _ = _logits(rnd.queries(sl, qk), k, rnd.pos[:, sl], pos_k, causal, scale)
+        s = rnd.logits(sl, rnd.queries(sl, qk), k, pos_k)
         top = s.amax(dim=-1, keepdim=True)
         top.masked_fill_(top == float("-inf"), 0.0)
         p = s.sub_(top).exp_()
@@ -114,7 +120,7 @@ def bwd(qk: Tensor, v: Tensor, pos: Tensor, do: Tensor, lse: Tensor, delta: Tens
     ``dk = ds^T q``, and dk is chained through ``k = qk / max(||qk||, KEY_EPS)`` into dqk.
     Returns dqk, dv ``(G, Np, D)`` in float32 (float64 for float64 inputs).
     """
-    rnd = _Round(qk, v, pos, bucket_size)
+    rnd = _Round(qk, v, pos, bucket_size, causal, scale)
     dqk = torch.zeros(qk.shape, dtype=rnd.dtype, device=qk.device)
     dv = torch.zeros_like(dqk)
     dqk_c, dv_c = rnd.chunked(dqk), rnd.chunked(dv)
@@ -124,11 +130,12 @@ def bwd(qk: Tensor, v: Tensor, pos: Tensor, do: Tensor, lse: Tensor, delta: Tens
     for sl in rnd.slabs():
         k, vv, pos_k, pairs = rnd.keys(sl)
         q, d_out = rnd.queries(sl, qk), rnd.queries(sl, do)
-        s, is_self = _logits(q, k, rnd.pos[:, sl], pos_k, causal, scale)
+        s = rnd.logits(sl, q, k, pos_k)
         p = s.sub_(lse_c[:, sl].unsqueeze(-1)).exp_()  # (G, n, bs, K)
         _add_pairs(dv_c, pairs, torch.matmul(p.transpose(-1, -2), d_out))
         ds = torch.matmul(d_out, vv.transpose(-1, -2)).sub_(delta_c[:, sl].unsqueeze(-1)).mul_(p)
-        ds.masked_fill_(is_self, 0.0).mul_(scale)  # the self logit is a constant
+        _self_logits(ds).zero_()  # the self logit is a constant
+        ds.mul_(scale)
         dqk_c[:, sl] += torch.matmul(ds, k)
         dk = torch.matmul(ds.transpose(-1, -2), q)  # (G, n, K, D) w.r.t. the normalised keys
         _add_pairs(dqk_c, pairs, _normalise_backward(rnd, pairs, k, dk))

@@ -108,7 +108,8 @@ def _same_tensor(a: Tensor, b: Tensor) -> bool:
         return True
     if not isinstance(b, Tensor) or a.is_nested or b.is_nested:
         return False
-    return (a.data_ptr(), a.shape, a.stride(), a.dtype, a.device) == (b.data_ptr(), b.shape, b.stride(), b.dtype, b.device)
+    layout = lambda t: (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
+    return layout(a) == layout(b)
 
 
 def _is_causal(attn_mask: Optional[Tensor], is_causal: bool, n: int) -> bool:
@@ -135,9 +136,9 @@ class LSHMultiheadAttention(_SharedQKAttention):
 
     It cannot honour everything ``nn.MultiheadAttention`` can, and raises ``ValueError`` for:
     ``key``/``value`` other than the tensor passed as ``query`` (the same object or a view of
-    the same memory; shared-QK LSH is self-attention only), ``need_weights=True`` (LSH never forms the ``(N, N)`` weight matrix;
-    the default here is therefore ``False``), an ``attn_mask`` other than the causal mask, a
-    float ``key_padding_mask`` with values other than 0 and -inf.
+    the same memory; shared-QK LSH is self-attention only); ``need_weights=True`` (LSH never
+    forms the ``(N, N)`` weight matrix, so the default here is ``False``); an ``attn_mask``
+    other than the causal mask; a float ``key_padding_mask`` with values other than 0 and -inf.
 
     Differences: ``dropout`` acts on the attention output, not the probabilities; there is no
     key projection (keys are the normalised shared QK projection). There is no packed
