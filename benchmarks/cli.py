@@ -33,12 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("benchmark", choices=(*BENCHMARKS, "all"), help="which sub-benchmark to run")
     p.add_argument("--quick", action="store_true", help="small sweep, about 3 minutes on a 2-core CPU")
-    p.add_argument("--out", type=Path, default=Path("bench_out"), help="output directory (default: bench_out)")
+    p.add_argument("--out", type=Path, default=Path("bench_out"), metavar="DIR",
+                   help="output directory (default: bench_out)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
-    p.add_argument("--lengths", type=int, nargs="+", help="attention sequence lengths")
-    p.add_argument("--n-hashes", type=int, nargs="+", help="LSH hash rounds (attention)")
-    p.add_argument("--depths", type=int, nargs="+", help="model depths of the depth sweep")
+    p.add_argument("--lengths", type=int, nargs="+", metavar="N", help="attention sequence lengths")
+    p.add_argument("--n-hashes", type=int, nargs="+", metavar="H", help="LSH hash rounds (attention)")
+    p.add_argument("--depths", type=int, nargs="+", metavar="L", help="model depths of the depth sweep")
     p.add_argument("--batch", type=int, help="attention batch size B")
     p.add_argument("--heads", type=int, help="attention heads H")
     p.add_argument("--head-dim", type=int, help="attention head dim D")
@@ -148,7 +149,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     limit = args.max_mem_gib * 2**30 if args.max_mem_gib else 0.85 * available_bytes(torch.device(args.device))
     opts = RunOptions(device=args.device, repeats=s.repeats, budget_s=s.budget_s, max_call_s=s.max_call_s,
                       timeout_s=s.timeout_s, mem_limit_bytes=limit, threads=args.threads)
-    meta = describe(args.device, args.dtype, args.quick)
+    meta = describe(args.device, args.dtype, args.quick, args.threads)
     meta["settings"] = {"run": dataclasses.asdict(opts), **dataclasses.asdict(s)}
     print(banner(meta, shapes(benchmarks, s) + [f"memory limit {limit / 2**30:.1f} GiB | out {args.out}"]),
           flush=True)

@@ -8,7 +8,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -48,8 +48,9 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def describe(device: str, dtype: str, quick: bool) -> dict[str, Any]:
-    """Metadata for ``results.json`` and the banner."""
+def describe(device: str, dtype: str, quick: bool, threads: Optional[int] = None) -> dict[str, Any]:
+    """Metadata for ``results.json`` and the banner; ``threads``: the workers' torch threads
+    (None = torch's default)."""
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {
         "command": " ".join([os.path.basename(sys.executable), "-m", "benchmarks", *sys.argv[1:]]),
@@ -58,7 +59,7 @@ def describe(device: str, dtype: str, quick: bool) -> dict[str, Any]:
         "device": device,
         "device_name": torch.cuda.get_device_name() if device == "cuda" else cpu_model(),
         "cpu": cpu_model(),
-        "threads": torch.get_num_threads(),
+        "threads": threads or torch.get_num_threads(),
         "ram_gib": round(ram, 1),
         "python": platform.python_version(),
         "torch": torch.__version__,
