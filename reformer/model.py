@@ -22,6 +22,7 @@ from .attention import MultiHeadAttention
 from .chunked_loss import chunked_cross_entropy
 from .config import ReformerConfig
 from .feedforward import ChunkedFeedForward, FeedForward
+from .lsh_attention import LSHSelfAttention
 from .positional import AxialPositionalEncoding, SinusoidalPositionalEncoding
 from .reversible import ReversibleSequence
 
@@ -46,8 +47,6 @@ class PreNorm(nn.Module):
 def build_attention(config: ReformerConfig) -> PreNorm:
     """The ``f`` branch: pre-norm LSH or full self-attention, causal per the config."""
     if config.attention == "lsh":
-        from .lsh_attention import LSHSelfAttention
-
         attn = LSHSelfAttention(config.d_model, config.n_heads, bucket_size=config.bucket_size,
                                 n_hashes=config.n_hashes, causal=config.causal, dropout=config.dropout)
         return PreNorm(config.d_model, attn, config.dropout)
