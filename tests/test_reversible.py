@@ -12,6 +12,15 @@ from reformer.model import PreNorm
 D, HEADS = 8, 2
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and far faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def lsh_blocks(depth, dropout):
     return [(PreNorm(D, LSHSelfAttention(D, HEADS, bucket_size=4, n_hashes=2, causal=True, dropout=dropout), dropout),
              PreNorm(D, ChunkedFeedForward(D, 24, 3, dropout=dropout), dropout)) for _ in range(depth)]
