@@ -152,25 +152,24 @@ def _bwd_dq_kernel(
     store_tile(DQ + g * stride_qg, dq * scale, offs_m, n_q, offs_d, head_dim, stride_qn)
 
 
-# Block configs (autotuned on GPU). float32 uses smaller tiles: its 3xTF32 dots need more
-# registers and shared memory. The interpreter uses small, unequal blocks so that partial
-# blocks and the causal block bounds are exercised.
+# Block configs: the forward is autotuned on GPU over two configs; each backward kernel has one
+# (dk/dv: few queries per step against a wide key block; dq: the transpose). float32 uses
+# smaller tiles: its 3xTF32 dots need more registers and shared memory. The interpreter uses
+# small, unequal blocks so that partial blocks and the causal block bounds are exercised.
+_F32 = (KernelConfig({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),)
 _HALF_FWD = (
     KernelConfig({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
     KernelConfig({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
 )
-_HALF_BWD = (
-    KernelConfig({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-    KernelConfig({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-)
-_F32_FWD = (KernelConfig({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),)
-_F32_BWD = (KernelConfig({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),)
-FWD_CONFIGS = {torch.float32: _F32_FWD, torch.float16: _HALF_FWD, torch.bfloat16: _HALF_FWD}
-BWD_CONFIGS = {torch.float32: _F32_BWD, torch.float16: _HALF_BWD, torch.bfloat16: _HALF_BWD}
+_HALF_DKDV = (KernelConfig({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),)
+_HALF_DQ = (KernelConfig({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),)
+FWD_CONFIGS = {torch.float32: _F32, torch.float16: _HALF_FWD, torch.bfloat16: _HALF_FWD}
+DKDV_CONFIGS = {torch.float32: _F32, torch.float16: _HALF_DKDV, torch.bfloat16: _HALF_DKDV}
+DQ_CONFIGS = {torch.float32: _F32, torch.float16: _HALF_DQ, torch.bfloat16: _HALF_DQ}
 _TUNE_KEY = ("n_q", "n_k", "causal", "BLOCK_D")
-_FWD = Launcher(_fwd_kernel, FWD_CONFIGS, _TUNE_KEY, KernelConfig({"BLOCK_M": 32, "BLOCK_N": 16}))
-_BWD_DKDV = Launcher(_bwd_dkdv_kernel, BWD_CONFIGS, _TUNE_KEY, KernelConfig({"BLOCK_M": 16, "BLOCK_N": 32}))
-_BWD_DQ = Launcher(_bwd_dq_kernel, BWD_CONFIGS, _TUNE_KEY, KernelConfig({"BLOCK_M": 32, "BLOCK_N": 16}))
+_FWD = Launcher(_fwd_kernel, FWD_CONFIGS, _TUNE_KEY, KernelConfig({"BLOCK_M": 64, "BLOCK_N": 32}))
+_BWD_DKDV = Launcher(_bwd_dkdv_kernel, DKDV_CONFIGS, _TUNE_KEY, KernelConfig({"BLOCK_M": 32, "BLOCK_N": 64}))
+_BWD_DQ = Launcher(_bwd_dq_kernel, DQ_CONFIGS, _TUNE_KEY, KernelConfig({"BLOCK_M": 64, "BLOCK_N": 32}))
 
 
 def _common_args(q: Tensor, k: Tensor, v: Tensor, o: Tensor, n_heads: int, causal: bool) -> tuple:

@@ -86,11 +86,9 @@ def _key_segment(seg, first_row, last_row, bucket_size, n_chunks):
     0 = their chunks and the chunk before the first one; 1 = the last chunk when they include
     chunk 0 and it is not already in segment 0 (wrap-around), else empty."""
     c0, c1 = first_row // bucket_size, last_row // bucket_size
-    if seg == 0:
-        lo, hi = tl.maximum(c0 - 1, 0) * bucket_size, (c1 + 1) * bucket_size
-    else:
-        wrap = (c0 == 0) & (c1 < n_chunks - 1)
-        lo, hi = tl.where(wrap, (n_chunks - 1) * bucket_size, 0), tl.where(wrap, n_chunks * bucket_size, 0)
+    wrap = (seg == 1) & (c0 == 0) & (c1 < n_chunks - 1)
+    lo = tl.where(seg == 0, tl.maximum(c0 - 1, 0) * bucket_size, tl.where(wrap, (n_chunks - 1) * bucket_size, 0))
+    hi = tl.where(seg == 0, (c1 + 1) * bucket_size, tl.where(wrap, n_chunks * bucket_size, 0))
     return lo, hi
 
 
@@ -100,11 +98,9 @@ def _query_segment(seg, first_row, last_row, bucket_size, n_chunks):
     0 = their chunks and the chunk after the last one; 1 = chunk 0 when they include the last
     chunk and chunk 0 is not already in segment 0 (wrap-around), else empty."""
     c0, c1 = first_row // bucket_size, last_row // bucket_size
-    if seg == 0:
-        lo, hi = c0 * bucket_size, tl.minimum(c1 + 2, n_chunks) * bucket_size
-    else:
-        wrap = (c1 == n_chunks - 1) & (c0 > 0)
-        lo, hi = 0, tl.where(wrap, bucket_size, 0)
+    wrap = (seg == 1) & (c1 == n_chunks - 1) & (c0 > 0)
+    lo = tl.where(seg == 0, c0 * bucket_size, 0)
+    hi = tl.where(seg == 0, tl.minimum(c1 + 2, n_chunks) * bucket_size, tl.where(wrap, bucket_size, 0))
     return lo, hi
 
 
@@ -129,7 +125,7 @@ def _lsh_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for seg in tl.static_range(2):
+    for seg in range(0, 2):  # runtime loop: one copy of the body
         lo, hi = _key_segment(seg, start_m, last_q, bucket_size, n_chunks)
         for start_n in range(lo, hi, BLOCK_N):
             rows_k = start_n + tl.arange(0, BLOCK_N)
@@ -176,7 +172,7 @@ def _lsh_bwd_dq_kernel(
     last_q = tl.minimum(start_m + BLOCK_M, n_rows) - 1
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for seg in tl.static_range(2):
+    for seg in range(0, 2):  # runtime loop: one copy of the body
         lo, hi = _key_segment(seg, start_m, last_q, bucket_size, n_chunks)
         for start_n in range(lo, hi, BLOCK_N):
             rows_k = start_n + tl.arange(0, BLOCK_N)
@@ -214,7 +210,7 @@ def _lsh_bwd_dkdv_kernel(
 
     dkey = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)  # w.r.t. the normalised keys, before * scale
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for seg in tl.static_range(2):
+    for seg in range(0, 2):  # runtime loop: one copy of the body
         lo, hi = _query_segment(seg, start_n, last_k, bucket_size, n_chunks)
         for start_m in range(lo, hi, BLOCK_M):
             rows_q = start_m + tl.arange(0, BLOCK_M)

@@ -1,0 +1,10 @@
+"""Triton kernels run on CPU tensors under the Triton interpreter in this test suite.
+
+``TRITON_INTERPRET`` is read when a ``@triton.jit`` kernel is decorated, i.e. when a
+``reformer.kernels.triton_*`` module is first imported; pytest imports this file before any
+test module, so every kernel imported by the tests is interpreted. The ahead-of-time compile
+tests (tests/test_triton_compile.py) need real kernels and run in a subprocess without it.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
