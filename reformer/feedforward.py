@@ -41,7 +41,8 @@ class FeedForward(nn.Module):
         return self.w2(self.dropout(self.activation(self.w1(x))))
 
 
-def _chunk_hidden(x: Tensor, w1: Tensor, b1: Tensor, activation: str, p: float) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+def _chunk_hidden(x: Tensor, w1: Tensor, b1: Tensor, activation: str,
+                  p: float) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """``dropout(act(x W1^T + b1))`` for one chunk ``x`` ``(m, d_model)``, in place where possible.
 
     Returns the hidden activation ``(m, d_ff)``, the pre-activation when the activation's

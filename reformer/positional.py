@@ -80,7 +80,9 @@ class AxialPositionalEncoding(nn.Module):
             if len(self.axial_dims) != len(self.axial_shape):
                 raise ValueError(f"axial_dims {self.axial_dims} must have one entry per axis of {self.axial_shape}")
             if sum(self.axial_dims) != d_model:
-                raise ValueError(f"axial_dims {self.axial_dims} must sum to d_model={d_model}, got {sum(self.axial_dims)}")
+                raise ValueError(
+                    f"axial_dims {self.axial_dims} must sum to d_model={d_model}, got {sum(self.axial_dims)}"
+                )
         dims = self.axial_dims or (d_model,) * len(self.axial_shape)
         std = 1.0 if self.axial_dims is not None else len(self.axial_shape) ** -0.5
         self.weights = nn.ParameterList(
@@ -91,7 +93,9 @@ class AxialPositionalEncoding(nn.Module):
     def encoding(self, n: int) -> Tensor:
         """The ``(n, d_model)`` table for positions ``0..n-1``."""
         if n > self.max_len:
-            raise ValueError(f"sequence length {n} is longer than prod(axial_shape)={self.max_len} for {self.axial_shape}")
+            raise ValueError(
+                f"sequence length {n} is longer than prod(axial_shape)={self.max_len} for {self.axial_shape}"
+            )
         rows = -(-n // (self.max_len // self.axial_shape[0]))  # first-axis rows that are needed
         grid = (rows, *self.axial_shape[1:])
         parts = []

@@ -36,7 +36,8 @@ class ReversibleBlock(nn.Module):
         y1 = x1 + self.f(x2, **f_kwargs)
         return y1, x2 + self.g(y1)
 
-    def forward_recording(self, x1: Tensor, x2: Tensor, f_kwargs: dict) -> tuple[Tensor, Tensor, tuple[RngState, RngState]]:
+    def forward_recording(self, x1: Tensor, x2: Tensor,
+                          f_kwargs: dict) -> tuple[Tensor, Tensor, tuple[RngState, RngState]]:
         """``forward`` that also returns the RNG states seen by ``f`` and ``g``."""
         f_state = RngState.capture()
         y1 = x1 + self.f(x2, **f_kwargs)
