@@ -11,10 +11,11 @@ Each returns or prints a :class:`SwapReport` naming every module it touched or l
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 from .lsh_attention import LSHMultiheadAttention
 from .positional import AxialPositionalEncoding, SinusoidalPositionalEncoding
@@ -115,6 +116,12 @@ def swap_attention(
 
     A module misjudged as self-attention fails loudly: ``LSHMultiheadAttention`` raises when
     called with ``key`` different from ``query``. Use ``exclude`` (or ``include``) to steer.
+    Swapped ``nn.TransformerEncoder`` stacks get their eval-mode nested-tensor path turned off
+    (it would call torch's fused kernel instead of the new module).
+
+    Hugging Face ``transformers`` models (GPT-2, BERT, ...) have no ``nn.MultiheadAttention``:
+    their self-attention modules are switched to LSH through ``transformers``' attention
+    interface instead, cross-attention keeps full attention (see ``reformer.swap_hf``).
 
     Returns:
         a :class:`SwapReport` listing the swapped and the skipped modules with reasons.
@@ -153,8 +160,9 @@ def _swap_torch_attention(model: nn.Module, report: SwapReport, *, bucket_size: 
         report.add(name, "swapped", f"nn.MultiheadAttention -> LSHMultiheadAttention (bucket_size={bucket_size}, "
                                     f"n_hashes={n_hashes}, shared-QK from the query projection)")
     for name, encoder in model.named_modules():
-        swapped = isinstance(encoder, nn.TransformerEncoder) and not isinstance(encoder.layers[0].self_attn, nn.MultiheadAttention)
-        if swapped and getattr(encoder, "use_nested_tensor", False):
+        if not isinstance(encoder, nn.TransformerEncoder) or isinstance(encoder.layers[0].self_attn, nn.MultiheadAttention):
+            continue
+        if getattr(encoder, "use_nested_tensor", False):
             # its eval-mode nested-tensor path would call the fused kernel, not the swapped attention
             encoder.use_nested_tensor = False
             report.add(name, "changed", "nn.TransformerEncoder nested-tensor fast path disabled")
@@ -171,18 +179,15 @@ class AxialPositionEmbedding(nn.Module):
         super().__init__()
         self.axial = AxialPositionalEncoding(d_model, axial_shape, axial_dims)
 
-    def forward(self, position_ids):
-        if position_ids.numel() == 0:
-            return self.axial.encoding(1)[position_ids]
-        return self.axial.encoding(int(position_ids.max()) + 1)[position_ids]
+    def forward(self, position_ids: Tensor) -> Tensor:
+        n = int(position_ids.max()) + 1 if position_ids.numel() else 1
+        return self.axial.encoding(n)[position_ids]
 
 
 def _positional_replacement(name: str, module: nn.Module, axial_shape: Sequence[int],
                             axial_dims: Optional[Sequence[int]]) -> tuple[nn.Module, str]:
     """The axial module for a sinusoidal encoding or a positional ``nn.Embedding``, and a note."""
-    size = 1
-    for n in axial_shape:
-        size *= n
+    size = math.prod(axial_shape)
     if isinstance(module, SinusoidalPositionalEncoding):
         new, old_len, kind = AxialPositionalEncoding(module.d_model, axial_shape, axial_dims), module.max_len, "Sinusoidal"
     else:

@@ -4,6 +4,14 @@ Under ``torchrun`` (``WORLD_SIZE > 1`` in the environment) :meth:`DistContext.fr
 the process group (``nccl`` on GPU, ``gloo`` on CPU) and :meth:`DistContext.wrap` puts the
 model in ``DistributedDataParallel``. Otherwise both are no-ops, so the training loop has one
 code path.
+
+Reversible layers need no special DDP mode: ``ReversibleSequence`` (and ``ChunkedFeedForward``)
+take the parameters as explicit inputs of their ``autograd.Function`` and return their
+gradients from its backward, so each parameter's gradient is accumulated once per backward and
+DDP's per-parameter hooks fire as for any layer (no ``static_graph``, no
+``find_unused_parameters``). Gradient accumulation uses ``no_sync`` on every micro-batch but the
+last. :meth:`DistContext.check_replicas`, run at every checkpoint, turns a missed
+synchronisation into an error instead of a silently forked model.
 """
 from __future__ import annotations
 

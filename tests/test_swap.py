@@ -78,6 +78,7 @@ def test_encoder_swap_report_forward_backward(norm_first):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.self_attn.parameters())
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
 @pytest.mark.parametrize("mode", ["train", "eval", "eval-nested"])
 def test_swap_is_exact_when_lsh_is_exact(mode):
     """bucket_size >= N: the swapped encoder equals the original's weights under shared-QK rules,
@@ -284,6 +285,8 @@ def test_gpt2_self_attention_swap_is_exact_when_lsh_is_exact():
     torch.testing.assert_close(logits[keep], expected[keep], rtol=1e-4, atol=1e-4)
     logits[keep].sum().backward()
     assert model.transformer.h[0].attn.c_attn.weight.grad.abs().sum() > 0
+    assert swap_positional(model, (8, 8)).swapped == ["transformer.wpe"]
+    assert model(ids, attention_mask=mask).logits.shape == (2, 20, 50)
     out = model.generate(ids[:1], max_new_tokens=3, do_sample=False, use_cache=False)
     assert out.shape == (1, 23)
     with pytest.raises(ValueError, match="use_cache=False"):
