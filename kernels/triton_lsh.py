@@ -242,7 +242,7 @@ _HALF = (KernelConfig({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)
 _F32 = (KernelConfig({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),)
 CONFIGS = {torch.float32: _F32, torch.float16: _HALF, torch.bfloat16: _HALF}
 _TUNE_KEY = ("n_rows", "bucket_size", "BLOCK_D")
-_INTERPRETER_CONFIG = KernelConfig({"BLOCK_M": 32, "BLOCK_N": 16})
+_INTERPRETER_CONFIG = KernelConfig({"BLOCK_M": 64, "BLOCK_N": 32})
 _FWD = Launcher(_lsh_fwd_kernel, CONFIGS, _TUNE_KEY, _INTERPRETER_CONFIG)
 _BWD_DQ = Launcher(_lsh_bwd_dq_kernel, CONFIGS, _TUNE_KEY, _INTERPRETER_CONFIG)
 _BWD_DKDV = Launcher(_lsh_bwd_dkdv_kernel, CONFIGS, _TUNE_KEY, _INTERPRETER_CONFIG)
