@@ -6,11 +6,13 @@ Protocol, the same for every provider:
    ``.grad`` buffers of inputs/parameters, which then stay allocated like in a training loop);
 2. peak memory: one forward+backward call measured by ``memory.peak_extra_bytes`` (on CPU with
    glibc in ``exact_rss_mode``, see ``memory.py``);
-3. a second warm-up call after switching glibc to ``caching_mode`` (ordinary steady state);
+3. a second warm-up call after switching glibc to ``caching_mode`` (ordinary steady state),
+   left out when a call takes longer than ``budget_s`` (filling the allocator's cache then
+   costs a negligible share of the call);
 4. forward time: median of ``n`` forward calls (autograd recording, as in a training step);
 5. forward+backward time: median of ``n`` forward+backward calls.
 
-``n`` is ``repeats``, reduced (to at least 1) when the warm-up shows that ``repeats`` calls
+``n`` is ``repeats``, reduced (to at least 1) when the warm-ups show that ``repeats`` calls
 would take longer than ``budget_s``. CUDA calls are synchronised before reading the clock.
 """
 from __future__ import annotations
@@ -74,10 +76,11 @@ def measure(workload: Workload, device: torch.device, repeats: int, budget_s: fl
     ``repeats`` (the ``n`` used) and ``warmup_ms``."""
     step = training_step(workload)
     exact_rss_mode()
-    _median_ms(step, device, 1)
+    warmup_ms = _median_ms(step, device, 1)
     peak = peak_extra_bytes(step, device)
     caching_mode()
-    warmup_ms = _median_ms(step, device, 1)
+    if warmup_ms < budget_s * 1e3:
+        warmup_ms = _median_ms(step, device, 1)
     n = max(1, min(repeats, int(budget_s * 1e3 / max(warmup_ms, 1e-3))))
     return {
         "time_fwd_ms": _median_ms(workload.forward, device, n),
