@@ -15,8 +15,8 @@ Compiled kernels use bfloat16 tensor-core dots and bfloat16 stores.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import triton
@@ -52,7 +52,7 @@ class AotSpec:
     types: Mapping[str, str]  # argument -> Triton type when not "i32", e.g. {"Q": "*fp16", "scale": "fp32"}
     constexprs: Mapping[str, Any]
     config: KernelConfig
-    label: str = field(default="")
+    label: str
 
     def signature(self) -> dict[str, str]:
         """Triton signature: ``constexpr`` for constexprs, ``types[name]`` or else ``i32``."""
@@ -99,32 +99,50 @@ def head_blocks() -> tuple[int, ...]:
 
 
 class Launcher:
-    """Runs ``kernel`` autotuned over ``configs[config_key]`` (GPU) or with ``interpreter_config``.
+    """Runs ``kernel`` autotuned over ``configs[dtype]`` (GPU) or with ``interpreter_config``.
 
-    ``configs`` maps what the block sizes depend on (e.g. the dtype) to the configs to tune over;
     ``grid`` maps the chosen config's block sizes to the launch grid; ``key`` names the kernel
-    arguments whose values select a tuned config (argument dtypes are always part of it).
+    arguments whose values select a tuned config (argument dtypes are always part of it);
+    ``restore`` names tensors the kernel reads and then overwrites, which the autotuner must
+    restore between its benchmark runs.
     """
 
-    def __init__(self, kernel: Any, configs: Mapping[Hashable, Sequence[KernelConfig]], key: Sequence[str],
-                 interpreter_config: KernelConfig) -> None:
+    def __init__(self, kernel: Any, configs: Mapping[torch.dtype, Sequence[KernelConfig]], key: Sequence[str],
+                 interpreter_config: KernelConfig, restore: Sequence[str] = ()) -> None:
         self.kernel = kernel
-        self.configs = {k: tuple(cfgs) for k, cfgs in configs.items()}
+        self.configs = {dtype: tuple(cfgs) for dtype, cfgs in configs.items()}
         self.key = list(key)
         self.interpreter_config = interpreter_config
-        self._tuned: dict[Hashable, Any] = {}
+        self.restore = list(restore)
+        self._tuned: dict[torch.dtype, Any] = {}
 
     @property
     def interpreted(self) -> bool:
         return is_interpreted(self.kernel)
 
-    def run(self, config_key: Hashable, grid: Callable[[Mapping[str, Any]], tuple], *args: Any, **kwargs: Any) -> None:
-        """Launch with the configs of ``config_key``."""
+    def run(self, dtype: torch.dtype, grid: Callable[[Mapping[str, Any]], tuple], *args: Any, **kwargs: Any) -> None:
+        """Launch for inputs of ``dtype`` (which selects the configs)."""
         if self.interpreted:
             cfg = self.interpreter_config
             self.kernel[grid(cfg.blocks)](*args, **kwargs, **cfg.blocks)
             return
-        if config_key not in self._tuned:
-            configs = [c.to_triton() for c in self.configs[config_key]]
-            self._tuned[config_key] = triton.autotune(configs, key=self.key)(self.kernel)
-        self._tuned[config_key][grid](*args, **kwargs)
+        if dtype not in self._tuned:
+            configs = [c.to_triton() for c in self.configs[dtype]]
+            self._tuned[dtype] = triton.autotune(configs, key=self.key, restore_value=self.restore)(self.kernel)
+        self._tuned[dtype][grid](*args, **kwargs)
+
+    def aot_specs(self, types: Mapping[str, str]) -> list[AotSpec]:
+        """Every configuration this launcher can run: dtype x head block x block config.
+
+        ``types`` gives the non-i32 arguments' Triton types, ``{dt}`` standing for the input
+        dtype (e.g. ``{"Q": "*{dt}", "Lse": "*fp32", "scale": "fp32"}``).
+        """
+        specs = []
+        for dtype, name in SIGNATURE_DTYPES.items():
+            arg_types = {arg: t.format(dt=name) for arg, t in types.items()}
+            for block_d in head_blocks():
+                for cfg in self.configs[dtype]:
+                    consts = {"DOT": dot_dtype(dtype, False), "BLOCK_D": block_d}
+                    label = f"{self.kernel.__name__}-{name}-D{block_d}-{cfg.label()}"
+                    specs.append(AotSpec(self.kernel, arg_types, consts, cfg, label))
+        return specs

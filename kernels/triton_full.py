@@ -2,7 +2,8 @@
 
 Limits:
 - dtypes: float32, float16, bfloat16 (q, k, v share one). Scores, softmax and accumulators are
-  float32; float32 inputs use IEEE float32 dots (no TF32), float16/bfloat16 use tensor-core dots.
+  float32; float32 uses 3xTF32 dots, float16/bfloat16 tensor-core dots with float32
+  intermediates split into a head and a tail (about float32 accuracy; see triton_tiles).
 - head dims: D (q, k) and Dv (v) each in 16..128, any value (padded to a power of two with masks).
 - lengths: any Nq, Nk >= 1; blocks are masked at the edges. Nq may differ from Nk.
 - masks: ``causal`` (top-left aligned: query i sees keys j <= i, as in the torch reference) and
@@ -23,17 +24,7 @@ import triton.language as tl
 from einops import rearrange
 from torch import Tensor
 
-from .triton_configs import (
-    SIGNATURE_DTYPES,
-    AotSpec,
-    KernelConfig,
-    Launcher,
-    check_kernel_dtype,
-    dot_dtype,
-    head_block,
-    head_blocks,
-    storage_dtype,
-)
+from .triton_configs import AotSpec, KernelConfig, Launcher, check_kernel_dtype, dot_dtype, head_block, storage_dtype
 from .triton_tiles import dot, dot_hi_lo, finish_softmax, load_tile, lse_for_probs, online_softmax_step, store_tile
 
 
@@ -154,8 +145,9 @@ def _bwd_dq_kernel(
 
 # Block configs: the forward is autotuned on GPU over two configs; each backward kernel has one
 # (dk/dv: few queries per step against a wide key block; dq: the transpose). float32 uses
-# smaller tiles: its 3xTF32 dots need more registers and shared memory. The interpreter uses
-# small, unequal blocks so that partial blocks and the causal block bounds are exercised.
+# smaller tiles: its 3xTF32 dots need more registers and shared memory. The interpreter runs
+# one fixed config per kernel with unequal blocks (partial blocks, causal block bounds); the
+# tests also run every GPU config under the interpreter.
 _F32 = (KernelConfig({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),)
 _HALF_FWD = (
     KernelConfig({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
@@ -252,19 +244,7 @@ def full_attention_triton(
 
 
 def aot_specs() -> list[AotSpec]:
-    """Every configuration the launchers can run: kernel x dtype x head block x block config.
-
-    ``causal`` is a runtime argument, so each compiled kernel serves both settings.
-    """
-    specs = []
-    kernels = ((_FWD, "Q K V Out"), (_BWD_DKDV, "Q K V DO DK DV"), (_BWD_DQ, "Q K V DO DQ"))
-    for dtype, name in SIGNATURE_DTYPES.items():
-        for launcher, data_ptrs in kernels:
-            types = {p: f"*{name}" for p in data_ptrs.split()}
-            types.update(KPM="*i8", Lse="*fp32", Delta="*fp32", scale="fp32")
-            for block_d in head_blocks():
-                for cfg in launcher.configs[dtype]:
-                    consts = {"DOT": dot_dtype(dtype, False), "BLOCK_D": block_d}
-                    label = f"{launcher.kernel.__name__}-{name}-D{block_d}-{cfg.label()}"
-                    specs.append(AotSpec(launcher.kernel, types, consts, cfg, label))
-    return specs
+    """Every configuration the launchers can run (``causal`` is a runtime argument)."""
+    types = {"Q": "*{dt}", "K": "*{dt}", "V": "*{dt}", "DO": "*{dt}", "Out": "*{dt}", "DQ": "*{dt}", "DK": "*{dt}",
+             "DV": "*{dt}", "KPM": "*i8", "Lse": "*fp32", "Delta": "*fp32", "scale": "fp32"}
+    return [spec for launcher in (_FWD, _BWD_DKDV, _BWD_DQ) for spec in launcher.aot_specs(types)]

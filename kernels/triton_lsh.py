@@ -31,17 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .lsh_common import KEY_EPS, SELF_LOGIT
-from .triton_configs import (
-    SIGNATURE_DTYPES,
-    AotSpec,
-    KernelConfig,
-    Launcher,
-    check_kernel_dtype,
-    dot_dtype,
-    head_block,
-    head_blocks,
-    storage_dtype,
-)
+from .triton_configs import AotSpec, KernelConfig, Launcher, check_kernel_dtype, dot_dtype, head_block, storage_dtype
 from .triton_tiles import dot, dot_hi_lo, finish_softmax, load_tile, lse_for_probs, online_softmax_step, store_tile
 
 _KEY_EPS = tl.constexpr(KEY_EPS)
@@ -245,7 +235,7 @@ _TUNE_KEY = ("n_rows", "bucket_size", "BLOCK_D")
 _INTERPRETER_CONFIG = KernelConfig({"BLOCK_M": 64, "BLOCK_N": 32})
 _FWD = Launcher(_lsh_fwd_kernel, CONFIGS, _TUNE_KEY, _INTERPRETER_CONFIG)
 _BWD_DQ = Launcher(_lsh_bwd_dq_kernel, CONFIGS, _TUNE_KEY, _INTERPRETER_CONFIG)
-_BWD_DKDV = Launcher(_lsh_bwd_dkdv_kernel, CONFIGS, _TUNE_KEY, _INTERPRETER_CONFIG)
+_BWD_DKDV = Launcher(_lsh_bwd_dkdv_kernel, CONFIGS, _TUNE_KEY, _INTERPRETER_CONFIG, restore=("DQK",))
 
 
 def _check(qk: Tensor, v: Tensor, pos: Tensor, bucket_size: int) -> None:
@@ -258,7 +248,9 @@ def _check(qk: Tensor, v: Tensor, pos: Tensor, bucket_size: int) -> None:
     if qk.shape[1] % bucket_size != 0:
         raise ValueError(f"Np = {qk.shape[1]} must be a multiple of bucket_size = {bucket_size}")
     if pos.shape != qk.shape[:2] or pos.dtype != torch.int32:
-        raise ValueError(f"pos must be int32 of shape (G, Np) = {tuple(qk.shape[:2])}, got {pos.dtype} {tuple(pos.shape)}")
+        raise ValueError(
+            f"pos must be int32 of shape (G, Np) = {tuple(qk.shape[:2])}, got {pos.dtype} {tuple(pos.shape)}"
+        )
     head_block("qk", qk.shape[2])
 
 
@@ -308,18 +300,7 @@ def bwd(qk: Tensor, v: Tensor, pos: Tensor, do: Tensor, lse: Tensor, delta: Tens
 
 
 def aot_specs() -> list[AotSpec]:
-    """Every configuration the launchers can run: kernel x dtype x head block x block config.
-
-    ``causal`` and ``bucket_size`` are runtime arguments, so each compiled kernel serves all of them.
-    """
-    specs = []
-    for dtype, name in SIGNATURE_DTYPES.items():
-        types = {"QK": f"*{name}", "V": f"*{name}", "DO": f"*{name}", "Out": f"*{name}", "Pos": "*i32",
-                 "Lse": "*fp32", "Delta": "*fp32", "DQK": "*fp32", "DV": "*fp32", "scale": "fp32"}
-        for launcher in (_FWD, _BWD_DQ, _BWD_DKDV):
-            for block_d in head_blocks():
-                for cfg in launcher.configs[dtype]:
-                    consts = {"DOT": dot_dtype(dtype, False), "BLOCK_D": block_d}
-                    label = f"{launcher.kernel.__name__}-{name}-D{block_d}-{cfg.label()}"
-                    specs.append(AotSpec(launcher.kernel, types, consts, cfg, label))
-    return specs
+    """Every configuration the launchers can run (``causal`` and ``bucket_size`` are runtime arguments)."""
+    types = {"QK": "*{dt}", "V": "*{dt}", "DO": "*{dt}", "Out": "*{dt}", "Pos": "*i32", "Lse": "*fp32",
+             "Delta": "*fp32", "DQK": "*fp32", "DV": "*fp32", "scale": "fp32"}
+    return [spec for launcher in (_FWD, _BWD_DQ, _BWD_DKDV) for spec in launcher.aot_specs(types)]
