@@ -1,11 +1,13 @@
-"""Train a ``ReformerLM`` on long sequences: ``python -m reformer.train --help``.
+r"""Train a ``ReformerLM`` on long sequences: ``python -m reformer.train --help``.
 
 Tasks: ``duplication`` (the Reformer paper's ``0 w 0 w`` copy task, scored on the second copy)
 and ``text`` (byte-level language modelling on a local file or folder; by default the Python
 standard library's sources, so nothing is downloaded).
 
-    python -m reformer.train --task duplication --seq-len 256 --attention lsh --n-hashes 2 --steps 800
-    python -m reformer.train --task text --seq-len 4096 --axial-shape 64,64 --ff-chunks 8 --out runs/text
+    python -m reformer.train --task duplication --seq-len 64 --vocab-size 64 --depth 1 --d-model 128 \
+        --d-ff 256 --attention lsh --bucket-size 8 --n-hashes 2 --steps 1000 --batch-size 16 --lr 2e-3
+    python -m reformer.train --task text --seq-len 2048 --axial-shape 32,64 --ff-chunks 4 --d-model 128 \
+        --n-hashes 2 --batch-size 4 --steps 2000 --out runs/text
     python -m reformer.train ... --out runs/text --resume          # continue exactly where it stopped
     torchrun --nproc_per_node=2 -m reformer.train ...              # data parallel (gloo on CPU)
 
