@@ -125,23 +125,29 @@ def lsh_attention(
         permitted key (padded positions) are 0, never NaN.
     """
     check_lsh_inputs(qk, v)
-    b, h, n, d = qk.shape
+    b, _, n, _ = qk.shape
     bucket_size = check_positive_int("bucket_size", bucket_size)
     n_hashes = check_positive_int("n_hashes", n_hashes)
     key_padding_mask = check_key_padding_mask(key_padding_mask, b, n, qk.device)
-    if rotations is None:
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise TypeError(f"seed must be an int or None, got {seed!r}")
-        rotations = make_rotations(h, d, n_hashes, default_n_buckets(n, bucket_size), seed=seed, device=qk.device)
-    elif seed is not None:
-        raise ValueError("give either rotations or seed, not both")
-    else:
-        rotations = check_rotations(rotations, h, d, n_hashes, qk)
+    rotations = _lsh_rotations(qk, rotations, seed, bucket_size, n_hashes)
     out, lse = lsh_attention_rounds(
         qk, v, core=_lsh_core(resolve_backend(backend, qk)), bucket_size=bucket_size, causal=bool(causal),
         key_padding_mask=key_padding_mask, rotations=rotations,
     )
     return (out, lse) if return_lse else out
+
+
+def _lsh_rotations(qk: Tensor, rotations: Optional[Tensor], seed: Optional[int], bucket_size: int,
+                   n_hashes: int) -> Tensor:
+    """The given ``rotations`` (checked), or new ones from ``seed`` / the global RNG (rule 2)."""
+    _, h, n, d = qk.shape
+    if rotations is not None:
+        if seed is not None:
+            raise ValueError("give either rotations or seed, not both")
+        return check_rotations(rotations, h, d, n_hashes, qk)
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise TypeError(f"seed must be an int or None, got {seed!r}")
+    return make_rotations(h, d, n_hashes, default_n_buckets(n, bucket_size), seed=seed, device=qk.device)
 
 
 def lsh_buckets(qk: Tensor, *, n_buckets: int, n_hashes: int, rotations: Tensor) -> Tensor:

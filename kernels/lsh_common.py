@@ -74,14 +74,14 @@ def hash_buckets(qk: Tensor, rotations: Tensor) -> Tensor:
     n_hashes, half = rot.shape[2], rot.shape[3]
     per_position = b * h * n_hashes * half * rot.element_size()
     step = max(1, HASH_SLAB_BYTES // per_position)
-    slabs = []
+    buckets = torch.empty(b, h, n_hashes, n, dtype=torch.int64, device=qk.device)  # before the temporaries
     for start in range(0, n, step):
         x = qk[:, :, start:start + step].to(dtype)
         rotated = torch.einsum("bhnd,hdrk->bhrnk", x, rot)  # (B, H, R, n, n_buckets/2)
         top, top_idx = rotated.max(dim=-1)
         low, low_idx = rotated.min(dim=-1)
-        slabs.append(torch.where(top >= -low, top_idx, low_idx + half))
-    return torch.cat(slabs, dim=-1)
+        buckets[..., start:start + step] = torch.where(top >= -low, top_idx, low_idx + half)
+    return buckets
 
 
 def sort_indices(buckets: Tensor, key_padding_mask: Optional[Tensor], n_buckets: int) -> Tensor:
