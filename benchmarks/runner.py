@@ -84,10 +84,25 @@ def preflight(case: Case, provider: Provider, opts: RunOptions, history: _Series
     return None
 
 
+def progress_line(record: dict[str, Any]) -> str:
+    """One line per finished case for the progress log, e.g.
+    ``attention | sdpa | N=4096 | ok | fwd+bwd 1,800 ms | 42 MiB``."""
+    params = record["params"]
+    where = " ".join(f"{k}={params[k]}" for k in ("depth", "seq_len", "n_hashes") if k in params)
+    if record["status"] != "ok":
+        what = f"{record['status']} ({record['note']})"
+    elif record.get("time_fwdbwd_ms") is not None:
+        what = f"ok | fwd+bwd {record['time_fwdbwd_ms']:,.0f} ms | {record['peak_mem_mib']:,.0f} MiB"
+    else:
+        what = f"ok | rel. error {record['rel_err']:.3f} | recall {record['recall_at_k']:.3f}"
+    return f"{record['benchmark']} | {record['series']} | {where} | {what}"
+
+
 def run_cases(cases: list[Case], opts: RunOptions, desc: str,
               run_local: Optional[Callable[[Case], dict]] = None) -> list[dict[str, Any]]:
-    """Runs ``cases`` in order; ``run_local`` (if given) runs a case in this process instead of
-    a worker (the quality benchmark, which measures no time or memory)."""
+    """Runs ``cases`` in order, with a progress bar and one line per finished case on stderr;
+    ``run_local`` (if given) runs a case in this process instead of a worker (the quality
+    benchmark, which measures no time or memory)."""
     history = _SeriesHistory()
     records = []
     bar = tqdm(cases, desc=desc, unit="case", file=sys.stderr, disable=None, dynamic_ncols=True)
@@ -95,6 +110,7 @@ def run_cases(cases: list[Case], opts: RunOptions, desc: str,
         bar.set_postfix_str(f"{case.series} N={case.params.get('seq_len')}")
         if run_local is not None:
             records.append(run_local(case))
+            bar.write(progress_line(records[-1]), file=sys.stderr)
             continue
         provider = load_provider(case)
         record = preflight(case, provider, opts, history) or run_case(
@@ -106,4 +122,5 @@ def run_cases(cases: list[Case], opts: RunOptions, desc: str,
             record["gflops_fwdbwd"] = BWD_FLOPS_FACTOR * record["flops_fwd"] / (record["time_fwdbwd_ms"] * 1e6)
         history.update(case, provider, record)
         records.append(record)
+        bar.write(progress_line(record), file=sys.stderr)
     return records
