@@ -23,6 +23,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from .lsh_attention import LSHSelfAttention
 from .train import build_parser, run
 from .train_dist import DistContext
 from .train_loop import Trainer, evaluate
@@ -70,8 +71,6 @@ def _train(opts: argparse.Namespace, name: str, bucket_size: int, n_hashes: int)
 @contextmanager
 def lsh_settings(model: nn.Module, *, bucket_size: int, n_hashes: int) -> Iterator[None]:
     """Temporarily run every ``LSHSelfAttention`` of ``model`` with other LSH parameters."""
-    from .lsh_attention import LSHSelfAttention
-
     modules = [m for m in model.modules() if isinstance(m, LSHSelfAttention)]
     saved = [(m.bucket_size, m.n_hashes) for m in modules]
     for m in modules:

@@ -141,3 +141,15 @@ def test_text_task_trains_and_cli_rejects_bad_options(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "reformer.train", "--steps", "0"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "--steps must be >= 1" in proc.stderr
+
+
+def test_duplication_table_smoke(tmp_path, capsys):
+    from reformer.experiments import duplication
+
+    table = duplication(["--seq-len", "16", "--vocab-size", "8", "--d-model", "16", "--n-heads", "2",
+                         "--bucket-size", "4", "--train-hashes", "1", "--eval-hashes", "1,2", "--steps", "2",
+                         "--batch-size", "4", "--eval-batches", "1", "--threads", "1", "--out", str(tmp_path)])
+    lines = table.splitlines()
+    assert lines[0] == "| train \\ eval | full | LSH-1 | LSH-2 |" and len(lines) == 4
+    assert lines[2].startswith("| full | ") and lines[3].startswith("| LSH-1 | ")
+    assert "machine:" in capsys.readouterr().out
