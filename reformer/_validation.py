@@ -41,6 +41,17 @@ def check_features(name: str, x: object, d_model: int) -> Tensor:
     return x
 
 
+def check_feature_dim(name: str, x: object, d_model: int) -> Tensor:
+    """``x`` is a floating ``(..., d_model)`` tensor (any leading dims, rank >= 1)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (..., d_model), got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] != d_model:
+        raise ValueError(f"{name} must have shape (..., d_model={d_model}), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {x.dtype}")
+    return x
+
+
 def check_tokens(name: str, tokens: object, vocab_size: int, max_len: Optional[int] = None) -> Tensor:
     """``tokens`` is an integer ``(B, N)`` tensor with ids in ``[0, vocab_size)``."""
     if not isinstance(tokens, Tensor):

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ._rng import RngState
-from ._validation import check_dropout, check_positive
+from ._validation import check_dropout, check_feature_dim, check_positive
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "gelu": F.gelu}
 
@@ -38,6 +38,8 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(check_dropout(dropout))
 
     def forward(self, x: Tensor) -> Tensor:
+        """x: floating ``(..., d_model)`` -> ``(..., d_model)``."""
+        check_feature_dim("x", x, self.d_model)
         return self.w2(self.dropout(self.activation(self.w1(x))))
 
 
@@ -139,9 +141,8 @@ class ChunkedFeedForward(FeedForward):
         self.chunks = check_positive("chunks", chunks)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: ``(..., d_model)`` -> ``(..., d_model)``."""
-        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x must be a tensor of shape (..., d_model={self.d_model}), got {_shape(x)}")
+        """x: floating ``(..., d_model)`` -> ``(..., d_model)``."""
+        check_feature_dim("x", x, self.d_model)
         p = self.dropout.p if self.training else 0.0
         rng = RngState.capture() if p > 0 else None
         out = _ChunkedFeedForwardFn.apply(x.reshape(-1, self.d_model), self.w1.weight, self.w1.bias,
@@ -150,7 +151,3 @@ class ChunkedFeedForward(FeedForward):
 
     def extra_repr(self) -> str:
         return f"chunks={self.chunks}"
-
-
-def _shape(x: object) -> object:
-    return tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__

@@ -121,6 +121,18 @@ def test_bad_arguments_raise():
         ChunkedFeedForward(8, 16, 2)(torch.zeros(2, 3, 5))
 
 
+@pytest.mark.parametrize("cls, extra", [(FeedForward, ()), (ChunkedFeedForward, (2,))])
+@pytest.mark.parametrize("x, error, message", [
+    (torch.zeros(2, 3, 8, dtype=torch.long), TypeError, "x must be floating point"),
+    (torch.zeros(2, 3, 5), ValueError, r"x must have shape \(\.\.\., d_model=8\)"),
+    (torch.zeros(()), ValueError, r"x must have shape \(\.\.\., d_model=8\)"),
+    ([[0.0] * 8], TypeError, "x must be a torch.Tensor"),
+])
+def test_bad_input_raises_naming_x(cls, extra, x, error, message):
+    with pytest.raises(error, match=message):
+        cls(8, 16, *extra)(x)
+
+
 @pytest.mark.parametrize("rows, chunks, with_bias", [(37, 5, True), (6, 9, False), (20, 1, True)])
 def test_chunked_cross_entropy_matches_whole_logits(rows, chunks, with_bias):
     torch.manual_seed(0)
