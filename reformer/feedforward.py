@@ -115,6 +115,17 @@ class _ChunkedFeedForwardFn(torch.autograd.Function):
         return (grad_x, *grads, None, None, None, None)
 
 
+def _autocast_inputs(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors as autocast would hand them to ``F.linear``: under autocast for the first
+    tensor's device, float32/16 tensors are cast (differentiably) to the autocast dtype and
+    float64 ones are left alone; outside autocast they are returned unchanged."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t if t.dtype == torch.float64 else t.to(dtype) for t in tensors)
+
+
 class ChunkedFeedForward(FeedForward):
     """``FeedForward`` applied to ``chunks`` slices of the positions one after another.
 
@@ -128,7 +139,8 @@ class ChunkedFeedForward(FeedForward):
     between the two, and, without dropout, the same outputs and gradients. Dropout draws a bool
     keep-mask per chunk with ``bernoulli_`` (masks differ from ``FeedForward``'s, same
     distribution); the RNG state is saved in forward and restored for the recompute, so
-    backward uses exactly the forward's masks. Not twice differentiable.
+    backward uses exactly the forward's masks. Not twice differentiable. Under ``torch.autocast``
+    it computes in the autocast dtype, like ``FeedForward``'s ``nn.Linear`` layers.
 
     Args:
         d_model, d_ff, activation, dropout: as for ``FeedForward``.
@@ -145,8 +157,10 @@ class ChunkedFeedForward(FeedForward):
         check_feature_dim("x", x, self.d_model)
         p = self.dropout.p if self.training else 0.0
         rng = RngState.capture() if p > 0 else None
-        out = _ChunkedFeedForwardFn.apply(x.reshape(-1, self.d_model), self.w1.weight, self.w1.bias,
-                                          self.w2.weight, self.w2.bias, self.activation_name, p, self.chunks, rng)
+        tensors = _autocast_inputs(x.reshape(-1, self.d_model), self.w1.weight, self.w1.bias, self.w2.weight,
+                                   self.w2.bias)
+        with torch.autocast(x.device.type, enabled=False):
+            out = _ChunkedFeedForwardFn.apply(*tensors, self.activation_name, p, self.chunks, rng)
         return out.view(x.shape)
 
     def extra_repr(self) -> str:

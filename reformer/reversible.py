@@ -9,7 +9,8 @@ custom ``torch.autograd.Function`` keeps only the final outputs; backward walks 
 reverse, reconstructing each block's inputs from its outputs and back-propagating through one
 block at a time, so activation memory does not grow with depth. Dropout and LSH hashing in
 ``f`` and ``g`` replay exactly: the RNG state is captured before each sub-layer and restored for
-its recompute (never ``torch.manual_seed``).
+its recompute (never ``torch.manual_seed``), and the recompute runs under the forward's
+``torch.autocast`` state, so mixed-precision training reconstructs the same activations.
 """
 from __future__ import annotations
 
@@ -49,13 +50,18 @@ class ReversibleBlock(nn.Module):
         return _trainable(self.f) + _trainable(self.g)
 
     def backward_pass(self, y1: Tensor, y2: Tensor, dy1: Tensor, dy2: Tensor, f_kwargs: dict,
-                      states: tuple[RngState, RngState]) -> tuple[Tensor, Tensor, Tensor, Tensor, list]:
-        """From outputs and their gradients, return ``(x1, x2, dx1, dx2, parameter grads)``."""
+                      states: tuple[RngState, RngState],
+                      autocast: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, Tensor, list]:
+        """From outputs and their gradients, return ``(x1, x2, dx1, dx2, parameter grads)``.
+
+        ``f`` and ``g`` are recomputed under ``torch.autocast(**autocast)`` (the forward's
+        autocast state), so they reproduce the forward's outputs; their backward runs outside it.
+        """
         f_state, g_state = states
         f_params, g_params = _trainable(self.f), _trainable(self.g)
         with torch.enable_grad():
             y1 = y1.detach().requires_grad_()
-            with g_state.replay():
+            with g_state.replay(), torch.autocast(**autocast):
                 gy1 = self.g(y1)
             dy1_g, *g_grads = torch.autograd.grad(gy1, (y1, *g_params), dy2, allow_unused=True)
         with torch.no_grad():
@@ -64,7 +70,7 @@ class ReversibleBlock(nn.Module):
         del gy1
         with torch.enable_grad():
             x2 = x2.detach().requires_grad_()
-            with f_state.replay():
+            with f_state.replay(), torch.autocast(**autocast):
                 fx2 = self.f(x2, **f_kwargs)
             dx2_f, *f_grads = torch.autograd.grad(fx2, (x2, *f_params), dx1, allow_unused=True)
         with torch.no_grad():
@@ -75,6 +81,12 @@ class ReversibleBlock(nn.Module):
 
 def _trainable(module: nn.Module) -> tuple[Tensor, ...]:
     return tuple(p for p in module.parameters() if p.requires_grad)
+
+
+def _autocast_state(device: str) -> dict[str, Any]:
+    """``torch.autocast`` keyword arguments reproducing the current autocast state on ``device``."""
+    return {"device_type": device, "enabled": torch.is_autocast_enabled(device),
+            "dtype": torch.get_autocast_dtype(device)}
 
 
 class _ReversibleFn(torch.autograd.Function):
@@ -90,6 +102,7 @@ class _ReversibleFn(torch.autograd.Function):
         out = torch.cat([x1, x2], dim=-1)  # (..., 2d)
         ctx.save_for_backward(out)
         ctx.blocks, ctx.f_kwargs, ctx.states = blocks, f_kwargs, states
+        ctx.autocast = _autocast_state(x.device.type)
         return out
 
     @staticmethod
@@ -99,7 +112,8 @@ class _ReversibleFn(torch.autograd.Function):
         dy1, dy2 = grad_out.chunk(2, dim=-1)
         grads = []
         for block, states in zip(reversed(ctx.blocks), reversed(ctx.states)):
-            y1, y2, dy1, dy2, block_grads = block.backward_pass(y1, y2, dy1, dy2, ctx.f_kwargs, states)
+            y1, y2, dy1, dy2, block_grads = block.backward_pass(y1, y2, dy1, dy2, ctx.f_kwargs, states,
+                                                                ctx.autocast)
             grads.append(block_grads)
         param_grads = [g for block_grads in reversed(grads) for g in block_grads]
         return (dy1 + dy2, None, None, *param_grads)  # x fed both streams

@@ -121,6 +121,28 @@ def test_bad_arguments_raise():
         ChunkedFeedForward(8, 16, 2)(torch.zeros(2, 3, 5))
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_autocast_bf16_matches_feedforward(activation):
+    """Under CPU bf16 autocast the chunked layer computes in bf16 like FeedForward's nn.Linear and
+    sends float32 gradients to its float32 parameters."""
+    torch.manual_seed(0)
+    ref = FeedForward(16, 32, activation=activation)
+    chunked = ChunkedFeedForward(16, 32, 3, activation=activation)
+    chunked.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 10, 16, requires_grad=True)
+    results = []
+    for module in (ref, chunked):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(x)
+        results.append((out, grads(module, x, out)))
+    (out_ref, grads_ref), (out, grads_chunked) = results
+    assert out.dtype == out_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, out_ref, rtol=2e-2, atol=2e-2)
+    for g, g_ref, p in zip(grads_chunked, grads_ref, (x, *chunked.parameters())):
+        assert g.dtype == p.dtype == torch.float32
+        torch.testing.assert_close(g, g_ref, rtol=5e-2, atol=5e-2 * g_ref.abs().max().item())
+
+
 @pytest.mark.parametrize("cls, extra", [(FeedForward, ()), (ChunkedFeedForward, (2,))])
 @pytest.mark.parametrize("x, error, message", [
     (torch.zeros(2, 3, 8, dtype=torch.long), TypeError, "x must be floating point"),
