@@ -150,19 +150,30 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def generate(self, src: Tensor, max_new_tokens: int, *, bos_id: int, eos_id: Optional[int] = None,
                  src_key_padding_mask: Optional[Tensor] = None) -> Tensor:
-        """Greedy decoding: returns ``(B, 1 + T)`` ids starting with ``bos_id``, T <= max_new_tokens.
-        Sequences that produced ``eos_id`` keep emitting it until all are done."""
+        """Greedy decoding in eval mode (the previous mode is restored): returns ``(B, 1 + T)`` ids
+        starting with ``bos_id``, T <= max_new_tokens. Sequences that produced ``eos_id`` keep
+        emitting it; decoding stops early once every sequence has."""
         check_positive("max_new_tokens", max_new_tokens)
-        memory = self.encode(src, src_key_padding_mask=src_key_padding_mask)
-        out = torch.full((src.shape[0], 1), bos_id, dtype=torch.long, device=src.device)
-        done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
-        for _ in range(max_new_tokens):
-            logits = self.decode(out, memory, memory_key_padding_mask=src_key_padding_mask)
-            nxt = logits[:, -1].argmax(-1)
-            if eos_id is not None:
-                nxt = nxt.masked_fill(done, eos_id)
-                done |= nxt == eos_id
-            out = torch.cat([out, nxt[:, None]], dim=1)
-            if eos_id is not None and bool(done.all()):
-                break
+        if 1 + max_new_tokens > self.max_len:
+            raise ValueError(f"1 + max_new_tokens = {1 + max_new_tokens} is longer than max_len={self.max_len}")
+        vocab = self.tgt_embed.vocab_size
+        for name, value in (("bos_id", bos_id), ("eos_id", eos_id)):
+            if value is not None and not 0 <= value < vocab:
+                raise ValueError(f"{name} must be in [0, {vocab}), got {value}")
+        was_training = self.training
+        self.eval()
+        try:
+            memory = self.encode(src, src_key_padding_mask=src_key_padding_mask)
+            out = torch.full((src.shape[0], 1), bos_id, dtype=torch.long, device=src.device)
+            done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
+            for _ in range(max_new_tokens):
+                nxt = self.decode(out, memory, memory_key_padding_mask=src_key_padding_mask)[:, -1].argmax(-1)
+                if eos_id is not None:
+                    nxt = nxt.masked_fill(done, eos_id)
+                    done |= nxt == eos_id
+                out = torch.cat([out, nxt[:, None]], dim=1)
+                if eos_id is not None and bool(done.all()):
+                    break
+        finally:
+            self.train(was_training)
         return out

@@ -120,11 +120,37 @@ def test_sinusoidal_formula_and_embedding_scale():
     torch.testing.assert_close(emb(torch.tensor([[3]]))[0, 0], emb.embedding.weight[3] * 4.0)
 
 
-def test_generate_shapes_and_eos():
-    model = _small_model().eval()
-    out = model.generate(torch.randint(0, 11, (3, 5)), 6, bos_id=1)
+def test_generate_shapes_and_mode():
+    model = _small_model().train()
+    model.embed_dropout.p = 0.5  # generate must decode in eval mode: dropout off, deterministic
+    src = torch.randint(0, 11, (3, 5))
+    out = model.generate(src, 6, bos_id=1)
     assert out.shape == (3, 7) and out.dtype == torch.long and bool((out[:, 0] == 1).all())
     assert int(out.min()) >= 0 and int(out.max()) < 13
+    assert torch.equal(out, model.generate(src, 6, bos_id=1))
+    assert model.training  # the caller's mode is restored
+    with pytest.raises(ValueError, match="longer than max_len"):
+        model.generate(src, 32, bos_id=1)
+    with pytest.raises(ValueError, match="eos_id must be in"):
+        model.generate(src, 3, bos_id=1, eos_id=13)
+
+
+def test_generate_stops_at_eos():
+    model = _small_model().eval()
+    src = torch.randint(0, 11, (4, 5))
+    free = model.generate(src, 6, bos_id=1)
+    eos = int(free[0, 2])  # the token sequence 0 emits second: it must stop there
+    out = model.generate(src, 6, bos_id=1, eos_id=eos)
+    for row_free, row in zip(free, out):
+        hits = (row_free[1:] == eos).nonzero()
+        if len(hits):  # identical up to the first eos, then eos only
+            first = int(hits[0]) + 1
+            assert torch.equal(row[: first + 1], row_free[: first + 1])
+            assert bool((row[first:] == eos).all())
+        else:
+            assert torch.equal(row, row_free[: len(row)])
+    stopped = all(((r_free[1:] == eos).any()) for r_free in free)
+    assert out.shape[1] == (max(int((r[1:] == eos).nonzero()[0]) + 2 for r in free) if stopped else 7)
 
 
 @pytest.mark.parametrize(
