@@ -62,7 +62,8 @@ class DuplicationTask:
             raise ValueError(f"vocab_size must be >= 3 (0 is the separator), got {vocab_size}")
         self.seq_len, self.vocab_size, self.seed = seq_len, vocab_size, seed
 
-    def batch(self, index: int, global_batch: int, *, split: str = "train", shard: Shard = Shard()) -> tuple[Tensor, Tensor]:
+    def batch(self, index: int, global_batch: int, *, split: str = "train", shard: Shard = Shard()
+              ) -> tuple[Tensor, Tensor]:
         """Rows of global batch ``index`` kept by ``shard``: ``tokens (b, N)``, ``loss_mask (b, N - 1)``."""
         half = self.seq_len // 2
         g = batch_generator(self.seed, split, index)
@@ -134,7 +135,8 @@ class TextTask:
         """A corpus file or folder (None: the standard library's sources), up to ``max_bytes``."""
         return cls(read_corpus(text_files(path, pattern), max_bytes), seq_len, seed, val_fraction)
 
-    def batch(self, index: int, global_batch: int, *, split: str = "train", shard: Shard = Shard()) -> tuple[Tensor, Tensor]:
+    def batch(self, index: int, global_batch: int, *, split: str = "train", shard: Shard = Shard()
+              ) -> tuple[Tensor, Tensor]:
         """Rows of global batch ``index`` kept by ``shard``: ``tokens (b, N)``, ``loss_mask (b, N - 1)``."""
         g = batch_generator(self.seed, split, index)
         data = self.splits[split]

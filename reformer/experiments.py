@@ -108,10 +108,10 @@ def duplication(argv: Optional[Sequence[str]] = None) -> str:
         rows[name] += [_accuracy(trainer, opts.bucket_size, h) for h in opts.eval_hashes]
     table = format_table(rows, columns)
     chance = 1 / (opts.vocab_size - 1)
-    print(f"\nDuplication task, seq_len={opts.seq_len} (w of {opts.seq_len // 2 - 1} symbols), vocab={opts.vocab_size} "
-          f"(chance {100 * chance:.1f}%), {opts.depth} layer(s), d_model={opts.d_model}, {opts.n_heads} heads, LSH bucket_size="
-          f"{opts.bucket_size}, {opts.steps} steps x batch {opts.batch_size}; accuracy on the second copy, "
-          f"{opts.eval_batches * opts.batch_size} held-out sequences.")
+    print(f"\nDuplication task, seq_len={opts.seq_len} (w of {opts.seq_len // 2 - 1} symbols), "
+          f"vocab={opts.vocab_size} (chance {100 * chance:.1f}%), {opts.depth} layer(s), d_model={opts.d_model}, "
+          f"{opts.n_heads} heads, LSH bucket_size={opts.bucket_size}, {opts.steps} steps x batch {opts.batch_size}; "
+          f"accuracy on the second copy, {opts.eval_batches * opts.batch_size} held-out sequences.")
     print(table)
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}; training time: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()))

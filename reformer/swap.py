@@ -13,7 +13,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
@@ -63,7 +63,8 @@ class SwapReport:
         return "\n".join(lines)
 
 
-def _named_children_of_type(model: nn.Module, kind: type) -> Iterator[tuple[str, nn.Module, str, nn.Module]]:
+def _named_children_of_type(model: nn.Module, kind: Union[type, tuple[type, ...]]
+                            ) -> Iterator[tuple[str, nn.Module, str, nn.Module]]:
     """``(qualified name, parent, attribute, module)`` for every submodule of type ``kind``."""
     for parent_name, parent in list(model.named_modules()):
         for attr, child in list(parent.named_children()):
@@ -139,7 +140,8 @@ def swap_attention(
     if is_hf_model(model):
         swap_hf_attention(model, report, bucket_size=bucket_size, n_hashes=n_hashes, seed=seed, selected=selected)
     if not report.entries:
-        raise ValueError(f"{type(model).__name__} has no torch.nn.MultiheadAttention (nor Hugging Face attention) to swap")
+        raise ValueError(f"{type(model).__name__} has no torch.nn.MultiheadAttention "
+                         "(nor Hugging Face attention) to swap")
     return report
 
 
@@ -160,7 +162,9 @@ def _swap_torch_attention(model: nn.Module, report: SwapReport, *, bucket_size: 
         report.add(name, "swapped", f"nn.MultiheadAttention -> LSHMultiheadAttention (bucket_size={bucket_size}, "
                                     f"n_hashes={n_hashes}, shared-QK from the query projection)")
     for name, encoder in model.named_modules():
-        if not isinstance(encoder, nn.TransformerEncoder) or isinstance(encoder.layers[0].self_attn, nn.MultiheadAttention):
+        if not isinstance(encoder, nn.TransformerEncoder):
+            continue
+        if isinstance(encoder.layers[0].self_attn, nn.MultiheadAttention):
             continue
         if getattr(encoder, "use_nested_tensor", False):
             # its eval-mode nested-tensor path would call the fused kernel, not the swapped attention
@@ -189,14 +193,16 @@ def _positional_replacement(name: str, module: nn.Module, axial_shape: Sequence[
     """The axial module for a sinusoidal encoding or a positional ``nn.Embedding``, and a note."""
     size = math.prod(axial_shape)
     if isinstance(module, SinusoidalPositionalEncoding):
-        new, old_len, kind = AxialPositionalEncoding(module.d_model, axial_shape, axial_dims), module.max_len, "Sinusoidal"
+        new = AxialPositionalEncoding(module.d_model, axial_shape, axial_dims)
+        old_len, kind = module.max_len, "Sinusoidal"
     else:
         new = AxialPositionEmbedding(module.embedding_dim, axial_shape, axial_dims)
         old_len, kind = module.num_embeddings, "nn.Embedding"
         if size < old_len:
             raise ValueError(f"{name}: axial_shape {tuple(axial_shape)} covers {size} positions, fewer than "
                              f"the {old_len} of the embedding table it replaces")
-    return new, f"{kind} (max {old_len}) -> axial {tuple(axial_shape)} (max {size}; new parameters, randomly initialised)"
+    note = f"{kind} (max {old_len}) -> axial {tuple(axial_shape)} (max {size}; new parameters, randomly initialised)"
+    return new, note
 
 
 def swap_positional(

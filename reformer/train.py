@@ -40,7 +40,8 @@ def _axial_shape(text: str) -> Optional[tuple[int, ...]]:
     try:
         return tuple(int(n) for n in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--axial-shape must be comma-separated ints like 64,64 or 'none', got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--axial-shape must be comma-separated ints like 64,64 or 'none', got {text!r}")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -50,13 +51,14 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 def build_parser() -> argparse.ArgumentParser:
     examples = __doc__[__doc__.index("    python -m"):]
     p = argparse.ArgumentParser(prog="python -m reformer.train", formatter_class=_HelpFormatter,
-                                description="Train a ReformerLM on long sequences (duplication task or byte-level text).",
+                                description="Train a ReformerLM on long sequences (duplication or byte-level text).",
                                 epilog="examples:\n" + examples)
     t = p.add_argument_group("task")
     t.add_argument("--task", choices=TASKS, default="duplication")
     t.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (up to 64K on CPU)")
     t.add_argument("--vocab-size", type=int, default=128, help="duplication: symbols incl. the separator 0")
-    t.add_argument("--text", type=Path, default=None, help="text: corpus file or folder; None = the Python standard library's sources")
+    t.add_argument("--text", type=Path, default=None,
+                   help="text: corpus file or folder; None = the Python standard library's sources")
     t.add_argument("--text-pattern", default="*", help="text: glob of files inside a --text folder")
     t.add_argument("--max-bytes", type=int, default=32 * 2**20, help="text: read at most this many corpus bytes")
     m = p.add_argument_group("model (ReformerConfig)")
