@@ -66,11 +66,12 @@ def _chunk_hidden(x: Tensor, w1: Tensor, b1: Tensor, activation: str,
 def _chunk_backward(x: Tensor, grad_out: Tensor, grad_x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
                     grads: list[Tensor], activation: str, p: float) -> None:
     """Recomputes one chunk and back-propagates ``grad_out`` ``(m, d_model)`` through it: writes
-    ``grad_x`` and adds to ``grads = [dW1, db1, dW2, db2]``. At most two ``(m, d_ff)`` tensors
-    (three for gelu) are alive at once."""
+    ``grad_x`` and adds to the accumulators ``grads = [dW1, db1, dW2, db2]`` (float32 for half
+    inputs: each chunk's product is rounded once, the running sums are not). At most two
+    ``(m, d_ff)`` tensors (three for gelu) are alive at once."""
     hidden, pre, keep = _chunk_hidden(x, w1, b1, activation, p)
-    grads[2].addmm_(grad_out.t(), hidden)
-    grads[3].add_(grad_out.sum(0))
+    _accumulate(grads[2], grad_out.t(), hidden)
+    grads[3].add_(grad_out.sum(0, dtype=grads[3].dtype))
     grad_h = grad_out @ w2  # (m, d_ff)
     if keep is not None:
         grad_h.mul_(keep).div_(1 - p)
@@ -79,9 +80,17 @@ def _chunk_backward(x: Tensor, grad_out: Tensor, grad_x: Tensor, w1: Tensor, b1:
     else:
         grad_h = torch.ops.aten.gelu_backward(grad_h, pre)
     del hidden, pre, keep
-    grads[0].addmm_(grad_h.t(), x)
-    grads[1].add_(grad_h.sum(0))
+    _accumulate(grads[0], grad_h.t(), x)
+    grads[1].add_(grad_h.sum(0, dtype=grads[1].dtype))
     torch.mm(grad_h, w1, out=grad_x)
+
+
+def _accumulate(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """``acc += a @ b``; ``acc`` may be wider than ``a`` and ``b`` (float32 sums of half products)."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc.add_(a @ b)
 
 
 class _ChunkedFeedForwardFn(torch.autograd.Function):
@@ -107,11 +116,13 @@ class _ChunkedFeedForwardFn(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         x, w1, b1, w2, b2 = ctx.saved_tensors
         grad_x = torch.empty_like(x)
-        grads = [torch.zeros_like(t) for t in (w1, b1, w2, b2)]
+        acc_dtype = torch.promote_types(x.dtype, torch.float32)  # float32 sums for half inputs
+        grads = [torch.zeros_like(t, dtype=acc_dtype) for t in (w1, b1, w2, b2)]
         pieces = zip(x.tensor_split(ctx.chunks), grad_out.tensor_split(ctx.chunks), grad_x.tensor_split(ctx.chunks))
         with ctx.rng.replay() if ctx.rng is not None else nullcontext():
             for xc, gc, gxc in pieces:
                 _chunk_backward(xc, gc, gxc, w1, b1, w2, grads, ctx.activation, ctx.p)
+        grads = [g.to(t.dtype) for g, t in zip(grads, (w1, b1, w2, b2))]
         return (grad_x, *grads, None, None, None, None)
 
 
