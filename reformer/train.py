@@ -21,8 +21,9 @@ import dataclasses
 import math
 import random
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -142,32 +143,52 @@ def _run_meta(args: argparse.Namespace, config: ReformerConfig) -> dict[str, Any
             "seed": args.seed}
 
 
+@contextmanager
+def seeded_rng(seed: int, ctx: DistContext) -> Iterator[None]:
+    """Seed torch's and Python's global RNGs with ``seed`` (the same on every rank, see
+    ``train_loop``) for the block, and give the caller its own RNG states back afterwards."""
+    python_state = random.getstate()
+    with torch.random.fork_rng(devices=[ctx.device.index] if ctx.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+
+
+def build_trainer(args: argparse.Namespace, ctx: DistContext) -> Trainer:
+    """Task, model, optimizer and schedule of the command line, resumed when ``--resume`` says so."""
+    if args.batch_size % (ctx.world_size * args.grad_accum):
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by world size x --grad-accum "
+                         f"= {ctx.world_size * args.grad_accum}")
+    task = make_task(args.task, args.seq_len, seed=args.seed, vocab_size=args.vocab_size,
+                     text_path=args.text, text_pattern=args.text_pattern, max_bytes=args.max_bytes)
+    config = model_config(args, task.vocab_size)
+    model = ReformerLM(config).to(ctx.device)
+    optimizer, scheduler = build_optimizer(model, args)
+    opts = LoopOptions(steps=args.steps, batch_size=args.batch_size, out_dir=args.out or Path("runs") / args.task,
+                       grad_accum=args.grad_accum, grad_clip=args.grad_clip, log_every=args.log_every,
+                       eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,
+                       stop_at=args.stop_at)
+    trainer = Trainer(model, optimizer, scheduler, task, opts, ctx, _run_meta(args, config))
+    if args.resume is not None:
+        trainer.resume(trainer.checkpoint_path if args.resume == "auto" else Path(args.resume))
+    return trainer
+
+
 def run(args: argparse.Namespace) -> Trainer:
     """Train as ``args`` (from :func:`build_parser`) say; returns the finished :class:`Trainer`
-    (its ``history`` holds the logged records, also written to ``<out>/log.jsonl``)."""
+    (its ``history`` holds the logged records, also written to ``<out>/log.jsonl``). The global
+    RNGs are seeded with ``--seed`` for the run and restored to the caller's states on return."""
     check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     ctx = DistContext.from_env()
     try:
-        if args.batch_size % (ctx.world_size * args.grad_accum):
-            raise ValueError(f"--batch-size {args.batch_size} must be divisible by world size x --grad-accum "
-                             f"= {ctx.world_size * args.grad_accum}")
-        task = make_task(args.task, args.seq_len, seed=args.seed, vocab_size=args.vocab_size,
-                         text_path=args.text, text_pattern=args.text_pattern, max_bytes=args.max_bytes)
-        torch.manual_seed(args.seed)  # the program's seed: identical on every rank (see train_loop)
-        random.seed(args.seed)
-        config = model_config(args, task.vocab_size)
-        model = ReformerLM(config).to(ctx.device)
-        optimizer, scheduler = build_optimizer(model, args)
-        opts = LoopOptions(steps=args.steps, batch_size=args.batch_size, out_dir=args.out or Path("runs") / args.task,
-                           grad_accum=args.grad_accum, grad_clip=args.grad_clip, log_every=args.log_every,
-                           eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,
-                           stop_at=args.stop_at)
-        trainer = Trainer(model, optimizer, scheduler, task, opts, ctx, _run_meta(args, config))
-        if args.resume is not None:
-            trainer.resume(trainer.checkpoint_path if args.resume == "auto" else Path(args.resume))
-        trainer.fit()
+        with seeded_rng(args.seed, ctx):
+            trainer = build_trainer(args, ctx)
+            trainer.fit()
         return trainer
     finally:
         ctx.close()

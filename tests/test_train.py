@@ -124,8 +124,11 @@ def test_crash_during_checkpoint_resumes_from_previous_one(tmp_path, monkeypatch
     assert _losses(log) == _losses(json.loads(json.dumps(full.history)))
 
 
-def test_resume_refuses_a_different_setup(tmp_path):
+def test_resume_refuses_a_different_setup_and_run_restores_the_callers_rng(tmp_path):
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
     _train(tmp_path, "--attention", "full", "--steps", "1", "--eval-every", "0")
+    assert torch.equal(torch.get_rng_state(), before)
     with pytest.raises(ValueError, match="different run setup"):
         _train(tmp_path, "--attention", "full", "--steps", "2", "--eval-every", "0", "--depth", "3", "--resume")
 
