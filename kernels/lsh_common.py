@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 
 KEY_EPS = 1e-6  # keys are qk / max(||qk||_2, KEY_EPS)
 SELF_LOGIT = -1e5  # logit of a query against its own position (attended only when nothing else is)
-HASH_SLAB_BYTES = 16 * 2**20  # bound on the rotated-vector buffer while hashing
+HASH_SLAB_BYTES = 4 * 2**20  # bound on the rotated-vector buffer while hashing
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

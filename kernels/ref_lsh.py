@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .lsh_common import KEY_EPS, SELF_LOGIT, compute_dtype
 
-SLAB_LOGITS_BYTES = 2 * 2**20
+SLAB_LOGITS_BYTES = 1 * 2**20
 
 
 class _Round:
