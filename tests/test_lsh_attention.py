@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import reformer.kernels
-from reformer.kernels import lsh_attention, lsh_buckets, ref_lsh
+from reformer.kernels import lsh_attention, lsh_buckets, lsh_common, ref_lsh
 
 SELF_LOGIT = -1e5  # DESIGN.md rule 4
 NEG_INF = float("-inf")
@@ -114,7 +114,12 @@ def test_rule7_one_chunk_equals_full_attention(n, causal, padded, dtype, atol):
 @pytest.mark.parametrize("n,bucket_size,n_hashes", [(100, 16, 3), (20, 10, 2), (37, 4, 4), (9, 16, 2)])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
-def test_custom_backward_matches_naive_chunked_autograd(n, bucket_size, n_hashes, causal, padded):
+@pytest.mark.parametrize("slab_bytes", [None, 1], ids=["one-slab", "slab-per-chunk"])
+def test_custom_backward_matches_naive_chunked_autograd(n, bucket_size, n_hashes, causal, padded, slab_bytes,
+                                                        monkeypatch):
+    if slab_bytes is not None:  # the reference core then loops over one chunk (and hashes one position) at a time
+        monkeypatch.setattr(ref_lsh, "SLAB_LOGITS_BYTES", slab_bytes)
+        monkeypatch.setattr(lsh_common, "HASH_SLAB_BYTES", slab_bytes)
     qk = rand(2, 2, n, 8, seed=1).requires_grad_()
     v = rand(2, 2, n, 8, seed=2).requires_grad_()
     mask = random_mask(2, n, seed=3) if padded else None
