@@ -106,7 +106,7 @@ def _same_tensor(a: Tensor, b: Tensor) -> bool:
     """``a`` is ``b``, or a view of exactly the same memory (e.g. ``x[:1]`` written three times)."""
     if a is b:
         return True
-    if not isinstance(b, Tensor) or a.is_nested or b.is_nested:
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor) or a.is_nested or b.is_nested:
         return False
     layout = lambda t: (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
     return layout(a) == layout(b)
@@ -169,7 +169,10 @@ class LSHMultiheadAttention(_SharedQKAttention):
         """query (= key = value): ``(B, N, E)`` if batch_first, ``(N, B, E)`` otherwise, ``(N, E)``
         unbatched, or a nested tensor of ``(N_i, E)`` sequences. key_padding_mask: ``(B, N)`` bool
         (True = padding) or float (-inf = padding). attn_mask: None or the causal mask.
+        average_attn_weights is accepted for compatibility and ignored (no weights are returned).
         Returns ``(output shaped like query, None)``."""
+        if not isinstance(query, Tensor):
+            raise TypeError(f"query must be a torch.Tensor, got {type(query).__name__}")
         if need_weights:
             raise ValueError("need_weights=True is not supported: LSH attention never forms the attention weights")
         if not (_same_tensor(key, query) and _same_tensor(value, query)):

@@ -215,6 +215,8 @@ def test_encoder_built_from_an_lsh_layer_declines_nested_tensors():
     (lambda m, x: m(x, x, x, key_padding_mask=torch.zeros(2, 11, dtype=torch.bool)), "key_padding_mask must have"),
     (lambda m, x: m(x[..., :8], x[..., :8], x[..., :8]), "last dim d_model=16"),
     (lambda m, x: m(x[:1], x[1:], x[:1]), "key and value must be the same tensor as query"),
+    (lambda m, x: m(x, None, x), "key and value must be the same tensor as query"),
+    (lambda m, x: m(x.tolist(), x, x), "query must be a torch.Tensor"),
 ])
 def test_multihead_attention_rejects_what_lsh_cannot_honour(call, match):
     module = LSHMultiheadAttention(D_MODEL, HEADS, bucket_size=4)
