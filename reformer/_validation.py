@@ -58,17 +58,24 @@ def check_tokens(name: str, tokens: object, vocab_size: int, max_len: Optional[i
         raise TypeError(f"{name} must be a LongTensor of shape (B, N), got {type(tokens).__name__}")
     if tokens.dim() != 2:
         raise ValueError(f"{name} must have shape (B, N) (rank 2), got shape {tuple(tokens.shape)}")
-    if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise TypeError(f"{name} must hold integer token ids, got {tokens.dtype}")
     if tokens.shape[1] < 1:
         raise ValueError(f"{name} must have at least one position, got shape {tuple(tokens.shape)}")
     if max_len is not None and tokens.shape[1] > max_len:
         raise ValueError(f"{name} has length {tokens.shape[1]}, longer than max_len={max_len}")
-    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
-        raise ValueError(
-            f"{name} ids must be in [0, {vocab_size}), got range [{int(tokens.min())}, {int(tokens.max())}]"
-        )
-    return tokens
+    return check_ids(name, tokens, vocab_size, kind="token")
+
+
+def check_ids(name: str, ids: object, num_classes: int, kind: str = "class") -> Tensor:
+    """``ids`` is a tensor of an integer dtype (not bool) with values in ``[0, num_classes)``."""
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"{name} must be a tensor of integer {kind} ids, got {type(ids).__name__}")
+    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"{name} must hold integer {kind} ids, got {ids.dtype}")
+    if ids.numel():
+        low, high = (int(v) for v in torch.aminmax(ids))
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"{name} ids must be in [0, {num_classes}), got range [{low}, {high}]")
+    return ids
 
 
 def check_seed(seed: object) -> Optional[int]:

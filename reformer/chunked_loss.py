@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ._validation import check_ids
+
 
 class _ChunkedCrossEntropyFn(torch.autograd.Function):
     """Mean cross-entropy of ``hidden @ weight.T + bias`` against ``targets``, chunk by chunk."""
@@ -59,17 +61,23 @@ def chunked_cross_entropy(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     Args:
         hidden: ``(M, D)`` features (e.g. the flattened ``(B * N, D)`` positions).
         weight: ``(V, D)`` output projection; bias: ``(V,)`` or None.
-        targets: ``(M,)`` integer class ids in ``[0, V)``.
+        targets: ``(M,)`` integer class ids in ``[0, V)`` (there is no ``ignore_index``: drop
+            such positions from ``hidden`` and ``targets`` first).
         chunks: the positions are processed in this many slices (>= 1); peak extra memory for
             the logits is about ``M * V / chunks`` floats. Logits of float16/bfloat16 inputs are
             computed in float32.
 
     Returns:
         A scalar in ``hidden``'s dtype. Differentiable once (hidden, weight, bias).
+
+    Raises:
+        TypeError: ``targets`` is not an integer tensor (float ids are not truncated).
+        ValueError: mismatched shapes, ``targets`` outside ``[0, V)``, ``chunks`` < 1, M == 0.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden (M, D) and weight (V, D) must agree on D, got {tuple(hidden.shape)} and "
                          f"{tuple(weight.shape)}")
+    check_ids("targets", targets, weight.shape[0])
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets must have shape (M,) = {tuple(hidden.shape[:1])}, got {tuple(targets.shape)}")
     if bias is not None and bias.shape != weight.shape[:1]:

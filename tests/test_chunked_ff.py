@@ -212,3 +212,12 @@ def test_chunked_cross_entropy_bad_arguments_raise():
         chunked_cross_entropy(hidden, weight, torch.zeros(9), targets, 2)
     with pytest.raises(ValueError, match="chunks"):
         chunked_cross_entropy(hidden, weight, None, targets, 0)
+    with pytest.raises(TypeError, match="targets must hold integer class ids"):
+        chunked_cross_entropy(hidden, weight, None, torch.tensor([0.0, 1.5, 2.0, 9.9]), 2)  # no silent truncation
+    with pytest.raises(TypeError, match="targets must hold integer class ids"):
+        chunked_cross_entropy(hidden, weight, None, torch.ones(4, dtype=torch.bool), 2)
+    with pytest.raises(TypeError, match="targets must be a tensor"):
+        chunked_cross_entropy(hidden, weight, None, [0, 1, 2, 3], 2)
+    for bad in (torch.tensor([0, 1, 10, 2]), torch.tensor([0, -100, 1, 2]), torch.tensor([0, -1, 1, 2])):
+        with pytest.raises(ValueError, match=r"targets ids must be in \[0, 10\)"):
+            chunked_cross_entropy(hidden, weight, None, bad, 2)
