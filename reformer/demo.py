@@ -12,7 +12,6 @@ from .transformer import Transformer
 
 
 def main() -> None:
-    torch.manual_seed(0)
     model = Transformer(src_vocab=1000, tgt_vocab=1000, d_model=256, n_heads=8, n_encoder_layers=3,
                         n_decoder_layers=3, d_ff=1024, dropout=0.1, max_len=512)
     src = torch.randint(0, 1000, (4, 128))
