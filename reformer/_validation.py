@@ -6,11 +6,24 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from reformer.kernels._checks import check_key_padding_mask  # noqa: F401  (re-exported for the modules)
+from reformer.kernels._checks import check_positive_int as check_positive  # int >= 1, bools rejected
 
-def check_positive(name: str, value: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+def check_non_negative(name: str, value: object) -> int:
+    """``value`` is an int >= 0 (bools rejected)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
     return value
+
+
+def check_axes(name: str, axes: object, min_len: int = 2) -> tuple[int, ...]:
+    """``axes`` is a tuple or list of at least ``min_len`` positive ints; returns it as a tuple."""
+    if not isinstance(axes, (tuple, list)) or len(axes) < min_len:
+        raise ValueError(f"{name} must be a tuple of at least {min_len} positive ints, got {axes!r}")
+    for a in axes:
+        check_positive(name + " entries", a)
+    return tuple(axes)
 
 
 def check_heads(d_model: int, n_heads: int) -> int:

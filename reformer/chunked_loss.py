@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._validation import check_ids
+from ._validation import check_ids, check_positive
 
 
 class _ChunkedCrossEntropyFn(torch.autograd.Function):
@@ -82,8 +82,7 @@ def chunked_cross_entropy(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
         raise ValueError(f"targets must have shape (M,) = {tuple(hidden.shape[:1])}, got {tuple(targets.shape)}")
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"bias must have shape (V,) = {tuple(weight.shape[:1])}, got {tuple(bias.shape)}")
-    if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
-        raise ValueError(f"chunks must be a positive int, got {chunks!r}")
+    check_positive("chunks", chunks)
     if hidden.shape[0] == 0:
         raise ValueError("hidden must hold at least one position")
     return _ChunkedCrossEntropyFn.apply(hidden, weight, bias, targets.long(), chunks)

@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ._validation import check_dropout, check_heads, check_positive
+from ._validation import check_axes, check_dropout, check_heads, check_positive
 
 ATTENTIONS = ("lsh", "full")
 
@@ -77,11 +77,7 @@ class ReformerConfig:
             object.__setattr__(self, "axial_shape", self._checked_axial_shape())
 
     def _checked_axial_shape(self) -> tuple[int, ...]:
-        shape = self.axial_shape
-        if not isinstance(shape, (tuple, list)) or len(shape) < 2:
-            raise ValueError(f"axial_shape must be None or a tuple of at least 2 positive ints, got {shape!r}")
-        for n in shape:
-            check_positive("axial_shape entries", n)
+        shape = check_axes("axial_shape", self.axial_shape)
         if math.prod(shape) < self.max_seq_len:
             raise ValueError(
                 f"axial_shape {tuple(shape)} covers {math.prod(shape)} positions, fewer than "
@@ -92,7 +88,7 @@ class ReformerConfig:
                 f"d_model ({self.d_model}) must be divisible by len(axial_shape) ({len(shape)}): each axis "
                 f"gets an equal d_model/{len(shape)} slice of the axial positional encoding"
             )
-        return tuple(shape)
+        return shape
 
     @property
     def head_dim(self) -> int:

@@ -15,9 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reformer.kernels._checks import check_key_padding_mask
-
-from ._validation import check_tokens
+from ._validation import check_key_padding_mask, check_non_negative, check_positive, check_tokens
 from .attention import MultiHeadAttention
 from .chunked_loss import chunked_cross_entropy
 from .config import ReformerConfig
@@ -150,11 +148,10 @@ class ReformerLM(nn.Module):
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_k: Optional[int],
                     generator: Optional[torch.Generator]) -> None:
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+    check_non_negative("max_new_tokens", max_new_tokens)
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
-        raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
+    if top_k is not None:
+        check_positive("top_k", top_k)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._validation import check_features, check_positive, check_tokens
+from ._validation import check_axes, check_features, check_positive, check_tokens
 
 
 class TokenEmbedding(nn.Module):
@@ -74,8 +74,8 @@ class AxialPositionalEncoding(nn.Module):
     def __init__(self, d_model: int, axial_shape: Sequence[int], axial_dims: Optional[Sequence[int]] = None):
         super().__init__()
         self.d_model = check_positive("d_model", d_model)
-        self.axial_shape = _check_axes("axial_shape", axial_shape)
-        self.axial_dims = None if axial_dims is None else _check_axes("axial_dims", axial_dims, min_len=1)
+        self.axial_shape = check_axes("axial_shape", axial_shape)
+        self.axial_dims = None if axial_dims is None else check_axes("axial_dims", axial_dims, min_len=1)
         if self.axial_dims is not None:
             if len(self.axial_dims) != len(self.axial_shape):
                 raise ValueError(f"axial_dims {self.axial_dims} must have one entry per axis of {self.axial_shape}")
@@ -117,12 +117,3 @@ class AxialPositionalEncoding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, axial_shape={self.axial_shape}, axial_dims={self.axial_dims}"
-
-
-def _check_axes(name: str, axes: object, min_len: int = 2) -> tuple[int, ...]:
-    """A tuple of at least ``min_len`` positive ints."""
-    if not isinstance(axes, (tuple, list)) or len(axes) < min_len:
-        raise ValueError(f"{name} must be a tuple of at least {min_len} positive ints, got {axes!r}")
-    for a in axes:
-        check_positive(name + " entries", a)
-    return tuple(axes)

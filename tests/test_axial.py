@@ -111,3 +111,16 @@ def test_bad_arguments_raise():
     enc = AxialPositionalEncoding(8, (4, 4))
     with pytest.raises(ValueError, match="d_model=8"):
         enc(torch.zeros(1, 3, 6))
+
+
+@pytest.mark.parametrize("shape", [(48,), [], (8, 0, 6), (8, True, 6), (6, 8.0), "68", 48])
+def test_config_and_module_reject_bad_axial_shape_alike(shape):
+    """ReformerConfig and AxialPositionalEncoding share one axial_shape check: same error, same text."""
+    from reformer import ReformerConfig
+    errors = []
+    for build in (lambda: AxialPositionalEncoding(48, shape),
+                  lambda: ReformerConfig(d_model=48, n_heads=4, max_seq_len=48, axial_shape=shape)):
+        with pytest.raises((ValueError, TypeError)) as info:
+            build()
+        errors.append((type(info.value), str(info.value)))
+    assert errors[0] == errors[1] and "axial_shape" in errors[0][1]

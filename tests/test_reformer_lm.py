@@ -215,7 +215,9 @@ def test_bad_model_inputs_raise():
         model.loss(torch.zeros(2, 1, dtype=torch.long))
     prompt = torch.zeros(1, 3, dtype=torch.long)
     for kwargs, message in [(dict(max_new_tokens=-1), "max_new_tokens"), (dict(temperature=0.0), "temperature"),
-                            (dict(top_k=0), "top_k"), (dict(generator=3), "generator")]:
+                            (dict(top_k=0), "top_k"), (dict(generator=3), "generator"),
+                            (dict(max_new_tokens=1.5), "max_new_tokens must be a non-negative int"),
+                            (dict(top_k=True), "top_k must be a positive int")]:
         kwargs = {"max_new_tokens": 2, **kwargs}
         with pytest.raises((ValueError, TypeError), match=message):
             model.generate(prompt, kwargs.pop("max_new_tokens"), **kwargs)
