@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ._validation import check_axes, check_dropout, check_heads, check_positive
+from ._validation import check_axes, check_dropout, check_heads, check_positive, check_seed
 
 ATTENTIONS = ("lsh", "full")
 
@@ -41,6 +41,16 @@ class ReformerConfig:
             d_model is split evenly across the axes, so it must be divisible by their count);
             None = fixed sinusoidal positions.
         dropout: dropout rate in attention, feed-forward, residual branches and embeddings.
+        seed: None, or an int that fixes the LSH rotations in eval mode: layer ``i``'s
+            ``LSHSelfAttention`` gets ``seed + i``, so eval forwards (and ``generate`` with a
+            seeded ``torch.Generator``) are reproducible. Training always draws fresh rotations
+            from the global RNG; with ``seed=None`` eval does too. Unused when attention="full".
+
+    Causal LSH: a future position's value never reaches a past position's output, but the
+    future positions' hashes can change which sorted chunk a past position falls into, and so
+    which earlier positions it attends to (inherent to the Reformer's chunked LSH). So the
+    outputs for a prefix can depend on what follows it, and incremental generation (one
+    forward per new token) can differ from a full-sequence forward over the same tokens.
 
     Use ``dataclasses.replace(config, depth=12)`` to derive a changed (re-validated) copy.
     """
@@ -59,6 +69,7 @@ class ReformerConfig:
     ff_chunks: int = 1
     axial_shape: Optional[tuple[int, ...]] = None
     dropout: float = 0.0
+    seed: Optional[int] = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "depth", "d_ff", "max_seq_len",
@@ -73,6 +84,7 @@ class ReformerConfig:
         if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool):
             raise TypeError(f"dropout must be a float in [0, 1), got {self.dropout!r}")
         check_dropout(self.dropout)
+        check_seed(self.seed)
         if self.axial_shape is not None:
             object.__setattr__(self, "axial_shape", self._checked_axial_shape())
 

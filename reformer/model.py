@@ -42,11 +42,13 @@ class PreNorm(nn.Module):
         return self.dropout(self.fn(self.norm(x), **self.fn_kwargs, **kwargs))
 
 
-def build_attention(config: ReformerConfig) -> PreNorm:
-    """The ``f`` branch: pre-norm LSH or full self-attention, causal per the config."""
+def build_attention(config: ReformerConfig, layer: int = 0) -> PreNorm:
+    """The ``f`` branch of block ``layer``: pre-norm LSH or full self-attention, causal per the
+    config; LSH gets the eval-mode rotation seed ``config.seed + layer`` (None without a seed)."""
     if config.attention == "lsh":
+        seed = None if config.seed is None else config.seed + layer
         attn = LSHSelfAttention(config.d_model, config.n_heads, bucket_size=config.bucket_size,
-                                n_hashes=config.n_hashes, causal=config.causal, dropout=config.dropout)
+                                n_hashes=config.n_hashes, causal=config.causal, dropout=config.dropout, seed=seed)
         return PreNorm(config.d_model, attn, config.dropout)
     attn = MultiHeadAttention(config.d_model, config.n_heads, dropout=config.dropout)
     return PreNorm(config.d_model, attn, config.dropout, causal=config.causal)
@@ -62,7 +64,17 @@ def build_feedforward(config: ReformerConfig) -> PreNorm:
 
 
 class ReformerLM(nn.Module):
-    """Reformer language model built from a ``ReformerConfig`` (see the module docstring)."""
+    """Reformer language model built from a ``ReformerConfig`` (see the module docstring).
+
+    With attention="lsh", eval-mode forwards are deterministic only when ``config.seed`` is set
+    (fixed rotations); otherwise every call draws fresh rotations from the global RNG.
+
+    Causal LSH caveat (inherent to the Reformer): a future position's VALUE never reaches a
+    past position's output, but future positions' hashes can change which chunk a past position
+    falls into after sorting, and so which earlier positions it attends to. Logits for a prefix
+    can therefore depend on the tokens after it, and ``generate`` (one forward per new token
+    over the growing context) can differ from a single full-sequence forward.
+    """
 
     def __init__(self, config: ReformerConfig):
         super().__init__()
@@ -76,7 +88,7 @@ class ReformerLM(nn.Module):
         else:
             self.pos_enc = SinusoidalPositionalEncoding(d, config.max_seq_len)
         self.emb_dropout = nn.Dropout(config.dropout)
-        blocks = ((build_attention(config), build_feedforward(config)) for _ in range(config.depth))
+        blocks = ((build_attention(config, layer), build_feedforward(config)) for layer in range(config.depth))
         self.layers = ReversibleSequence(blocks, reversible=config.reversible)
         self.norm = nn.LayerNorm(2 * d)
         self.head = nn.Linear(2 * d, config.vocab_size)
@@ -120,7 +132,9 @@ class ReformerLM(nn.Module):
         Each step samples from ``softmax(logits / temperature)`` restricted to the ``top_k`` most
         likely ids (all ids when None), with ``generator`` (a ``torch.Generator`` on the model's
         device) or the global RNG. The model attends to at most the last ``max_seq_len`` tokens.
-        Runs in eval mode (no dropout) and restores the previous mode afterwards.
+        Runs in eval mode (no dropout) and restores the previous mode afterwards. Reproducible
+        with equally seeded generators for attention="full", and for attention="lsh" when
+        ``config.seed`` is set (otherwise the LSH rotations come from the global RNG).
         """
         self._check_causal("generate")
         check_tokens("prompt", prompt, self.config.vocab_size, self.config.max_seq_len)

@@ -159,6 +159,29 @@ def test_generate_greedy_and_reproducible():
     assert model.generate(prompt, 0).shape == prompt.shape
 
 
+def test_lsh_seed_makes_eval_and_generate_reproducible():
+    torch.manual_seed(0)
+    config = ReformerConfig(**TINY, attention="lsh", dropout=0.1)
+    unseeded = ReformerLM(config).eval()
+    seeded = ReformerLM(dataclasses.replace(config, seed=11)).eval()
+    seeded.load_state_dict(unseeded.state_dict())
+    blocks = seeded.layers.blocks
+    assert [b.f.fn.seed for b in blocks] == [11, 12] and unseeded.layers.blocks[0].f.fn.seed is None
+    prompt = torch.randint(0, 32, (2, 20))
+    with torch.no_grad():
+        assert not torch.equal(unseeded(prompt), unseeded(prompt))  # fresh rotations per call
+        assert torch.equal(seeded(prompt), seeded(prompt))
+    samples = []
+    for global_seed in (1, 2):  # a different global RNG state for each call
+        torch.manual_seed(global_seed)
+        samples.append(seeded.generate(prompt, 6, generator=torch.Generator().manual_seed(5)))
+    assert torch.equal(samples[0], samples[1])
+    seeded.train()
+    torch.manual_seed(3)
+    first = seeded(prompt)
+    assert not torch.equal(first, seeded(prompt))  # training still draws fresh rotations and dropout
+
+
 BAD_CONFIGS = [
     (dict(n_heads=3), ValueError, "divisible by n_heads"),
     (dict(axial_shape=(4, 8)), ValueError, "fewer than max_seq_len"),
@@ -176,6 +199,8 @@ BAD_CONFIGS = [
     (dict(causal=None), TypeError, "causal must be a bool"),
     (dict(axial_shape=(48,)), ValueError, "at least 2"),
     (dict(axial_shape=(8, 0, 6)), ValueError, "axial_shape entries"),
+    (dict(seed="1"), TypeError, "seed must be an int or None"),
+    (dict(seed=True), TypeError, "seed must be an int or None"),
 ]
 
 
