@@ -134,6 +134,17 @@ def test_sinusoidal_positions_and_whole_feedforward():
     assert model(tokens).shape == (3, 48, 32)
 
 
+@pytest.mark.parametrize("reversible", [True, False])
+def test_empty_batch_gives_empty_logits(reversible):
+    """B = 0 with full attention (LSH's empty batch is handled in kernels/, tested there)."""
+    model = ReformerLM(ReformerConfig(**TINY, attention="full", reversible=reversible))
+    tokens = torch.zeros(0, 5, dtype=torch.long)
+    logits = model(tokens)
+    assert logits.shape == (0, 5, 32) and logits.dtype == torch.float32
+    logits.sum().backward()  # also through the reversible Function and the chunked feed-forward
+    assert all(p.grad is not None and not p.grad.any() for p in model.layers.parameters())
+
+
 def test_loss_is_next_token_cross_entropy():
     torch.manual_seed(0)
     model = ReformerLM(ReformerConfig(**TINY, attention="full")).eval()
