@@ -31,6 +31,9 @@ _EXPORTS = {
     "ReformerLM": "model",
     # tools
     "swap_attention": "swap",
+    "swap_positional": "swap",
+    "SwapReport": "swap",
+    "make_reversible": "swap_reversible",
 }
 
 __all__ = sorted(_EXPORTS)
