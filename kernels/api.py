@@ -8,9 +8,11 @@ interpreter).
 from __future__ import annotations
 
 import importlib.util
+import os
 from types import ModuleType
 from typing import Optional, Union
 
+import torch
 from torch import Tensor
 
 from ._checks import (
@@ -32,13 +34,30 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def resolve_backend(backend: str, x: Tensor) -> str:
-    """Map ``"auto"`` to ``"triton"`` (CUDA tensor and Triton installed) or ``"torch"``."""
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_HEAD_DIMS = (16, 128)  # inclusive range of head dims the Triton kernels take
+
+
+def triton_supports(dtype: torch.dtype, *head_dims: int) -> bool:
+    """True when the Triton kernels take this dtype and these head dims."""
+    lo, hi = TRITON_HEAD_DIMS
+    return dtype in TRITON_DTYPES and all(lo <= d <= hi for d in head_dims)
+
+
+def resolve_backend(backend: str, x: Tensor, *, triton_ok: bool = True) -> str:
+    """Map ``"auto"`` to ``"triton"`` (CUDA tensor, Triton installed and ``triton_ok``: the call
+    is within the kernels' limits) or ``"torch"``. An explicit ``"triton"`` needs Triton and a
+    CUDA tensor, or ``TRITON_INTERPRET=1`` for CPU tensors."""
     check_backend(backend)
     if backend == "auto":
-        return "triton" if (x.is_cuda and triton_available()) else "torch"
-    if backend == "triton" and not triton_available():
-        raise RuntimeError("backend='triton' needs the triton package (pip install 'reformer[triton]')")
+        return "triton" if (x.is_cuda and triton_ok and triton_available()) else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs the triton package (pip install 'reformer[triton]')")
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got device {x.device}"
+            )
     return backend
 
 
@@ -51,7 +70,7 @@ def full_attention(
     key_padding_mask: Optional[Tensor] = None,
     attn_mask: Optional[Tensor] = None,
     dropout_p: float = 0.0,
-    backend: str = "torch",
+    backend: str = "auto",
 ) -> Tensor:
     """Scaled dot-product attention, ``softmax(q k^T / sqrt(D)) v``.
 
@@ -62,7 +81,9 @@ def full_attention(
         attn_mask: bool ``(Nq, Nk)``/``(B, H, Nq, Nk)`` (True = not allowed, as in
             ``nn.MultiheadAttention``) or a float mask added to the logits.
         dropout_p: dropout on the attention probabilities (applied whenever > 0).
-        backend: ``"torch"``, ``"triton"`` or ``"auto"``.
+        backend: ``"torch"``, ``"triton"`` or ``"auto"`` (Triton for CUDA tensors when the call
+            is within the kernels' limits: float32/float16/bfloat16, head dims 16..128; the
+            reference otherwise).
 
     Returns:
         ``(B, H, Nq, Dv)``. A query with no permitted key gets zeros, never NaN.
@@ -74,7 +95,8 @@ def full_attention(
     attn_mask = check_attn_mask(attn_mask, b, h, nq, nk)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if resolve_backend(backend, q) == "triton":
+    triton_ok = attn_mask is None and dropout_p == 0.0 and triton_supports(q.dtype, q.shape[-1], v.shape[-1])
+    if resolve_backend(backend, q, triton_ok=triton_ok) == "triton":
         from .triton_full import full_attention_triton
 
         if attn_mask is not None or dropout_p > 0.0:
@@ -116,7 +138,9 @@ def lsh_attention(
         rotations: ``(H, D, n_hashes, n_buckets // 2)`` random rotations (sets ``n_buckets``).
         seed: without ``rotations``, draw them from a CPU generator seeded with ``seed``;
             with neither, from the global RNG of qk's device.
-        backend: ``"torch"``, ``"triton"`` or ``"auto"``.
+        backend: ``"torch"``, ``"triton"`` or ``"auto"`` (Triton for CUDA tensors when the call
+            is within the kernels' limits: float32/float16/bfloat16, head dims 16..128; the
+            reference otherwise).
         return_lse: also return the per-position log-sum-exp ``(B, H, N)`` of the combined
             softmax (float32, float64 for float64 inputs; -inf at padded positions).
 
@@ -130,9 +154,12 @@ def lsh_attention(
     n_hashes = check_positive_int("n_hashes", n_hashes)
     key_padding_mask = check_key_padding_mask(key_padding_mask, b, n, qk.device)
     rotations = _lsh_rotations(qk, rotations, seed, bucket_size, n_hashes)
+    if qk.numel() == 0:  # an empty batch or no heads: nothing to hash
+        out, lse = torch.zeros_like(v), qk.new_full(qk.shape[:3], float("-inf"), dtype=torch.float32)
+        return (out, lse) if return_lse else out
     out, lse = lsh_attention_rounds(
-        qk, v, core=_lsh_core(resolve_backend(backend, qk)), bucket_size=bucket_size, causal=bool(causal),
-        key_padding_mask=key_padding_mask, rotations=rotations,
+        qk, v, core=_lsh_core(resolve_backend(backend, qk, triton_ok=triton_supports(qk.dtype, qk.shape[-1]))),
+        bucket_size=bucket_size, causal=bool(causal), key_padding_mask=key_padding_mask, rotations=rotations,
     )
     return (out, lse) if return_lse else out
 
