@@ -13,13 +13,7 @@ TINY = dict(vocab_size=32, d_model=32, n_heads=4, depth=2, d_ff=64, max_seq_len=
             n_hashes=2, ff_chunks=3, axial_shape=(6, 8))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def progressions(generator, batch, n, vocab=32):
