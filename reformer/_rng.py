@@ -4,7 +4,7 @@ A recomputed forward must draw the same random numbers as the original one (drop
 LSH rotations). ``RngState.capture()`` records the CPU generator and, when CUDA has been
 initialised, every CUDA device's generator; ``replay()`` runs a block from that state inside
 ``torch.random.fork_rng``, so the caller's RNG stream is left exactly as it was. The global
-seed is never reset (no ``torch.manual_seed``).
+seed is never reset.
 """
 from __future__ import annotations
 

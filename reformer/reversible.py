@@ -9,7 +9,7 @@ custom ``torch.autograd.Function`` keeps only the final outputs; backward walks 
 reverse, reconstructing each block's inputs from its outputs and back-propagating through one
 block at a time, so activation memory does not grow with depth. Dropout and LSH hashing in
 ``f`` and ``g`` replay exactly: the RNG state is captured before each sub-layer and restored for
-its recompute (never ``torch.manual_seed``), and the recompute runs under the forward's
+its recompute (the global seed is never reset), and the recompute runs under the forward's
 ``torch.autocast`` state, so mixed-precision training reconstructs the same activations.
 """
 from __future__ import annotations
