@@ -26,6 +26,7 @@ from .summary import headline, write_summary
 
 BENCHMARKS = ("attention", "model", "quality")
 DTYPES = ("float32", "float16", "bfloat16")
+MODEL_SWEEPS = ("depth", "length", "ffn")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", type=int, nargs="+", metavar="N", help="attention sequence lengths")
     p.add_argument("--n-hashes", type=int, nargs="+", metavar="H", help="LSH hash rounds (attention)")
     p.add_argument("--depths", type=int, nargs="+", metavar="L", help="model depths of the depth sweep")
+    p.add_argument("--sweeps", nargs="+", choices=MODEL_SWEEPS, help="model sweeps to run (default: all)")
     p.add_argument("--batch", type=int, help="attention batch size B")
     p.add_argument("--heads", type=int, help="attention heads H")
     p.add_argument("--head-dim", type=int, help="attention head dim D")
@@ -82,6 +84,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         attn["n_hashes"] = tuple(args.n_hashes)
     attn["causal"] = args.causal or base.attention.causal
     mdl = {"depths": tuple(args.depths)} if args.depths else {}
+    if args.sweeps:
+        mdl["sweeps"] = tuple(args.sweeps)
     run = {k: v for k, v in (("repeats", args.repeats), ("timeout_s", args.timeout),
                              ("max_call_s", args.max_call_s)) if v}
     return dataclasses.replace(base, attention=dataclasses.replace(base.attention, **attn),
@@ -96,8 +100,9 @@ def plan(benchmark: str, s: Settings, dtype: str) -> list[Case]:
                               head_dim=a.head_dim, bucket_size=a.bucket_size, dtype=dtype, causal=a.causal)
     if benchmark == "model":
         m = s.model
-        return model.plan(m.depths, m.depth_len, m.lengths, m.length_depth, m.ffn_len, m.ffn_d_model, m.ffn_d_ff,
-                          m.ff_chunks, dims=m.dims, dtype=dtype)
+        cases = model.plan(m.depths, m.depth_len, m.lengths, m.length_depth, m.ffn_len, m.ffn_d_model,
+                           m.ffn_d_ff, m.ff_chunks, dims=m.dims, dtype=dtype)
+        return [c for c in cases if c.params["sweep"] in m.sweeps]
     q = s.quality
     return quality.plan(q.n_hashes, q.bucket_sizes, batch=q.batch, heads=q.heads, seq_len=q.seq_len,
                         head_dim=q.head_dim, seeds=q.seeds, top_k=q.top_k)
@@ -116,9 +121,9 @@ def shapes(benchmarks: Sequence[str], s: Settings) -> list[str]:
     text = {
         "attention": f"attention: B={a.batch} H={a.heads} D={a.head_dim} bucket_size={a.bucket_size} "
                      f"causal={a.causal} N={list(a.lengths)} n_hashes={list(a.n_hashes)}",
-        "model": f"model: {m.dims} depths={list(m.depths)}@N={m.depth_len} lengths={list(m.lengths)}@depth="
-                 f"{m.length_depth} | ffn N={m.ffn_len} d_model={m.ffn_d_model} d_ff={m.ffn_d_ff} "
-                 f"chunks 1 vs {m.ff_chunks}",
+        "model": f"model: {m.dims} sweeps={list(m.sweeps)} depths={list(m.depths)}@N={m.depth_len} "
+                 f"lengths={list(m.lengths)}@depth={m.length_depth} | ffn N={m.ffn_len} d_model={m.ffn_d_model} "
+                 f"d_ff={m.ffn_d_ff} chunks 1 vs {m.ff_chunks}",
         "quality": f"quality: B={q.batch} H={q.heads} N={q.seq_len} D={q.head_dim} bucket_size={list(q.bucket_sizes)} "
                    f"n_hashes={list(q.n_hashes)} seeds={q.seeds} top_k={q.top_k}",
     }

@@ -27,7 +27,8 @@ class AttentionSettings:
 class ModelSettings:
     """depths at ``depth_len``; ``lengths`` at ``length_depth``; the feed-forward step at
     ``ffn_len`` x ``ffn_d_model`` with hidden ``ffn_d_ff``, 1 vs ``ff_chunks`` chunks (which
-    the ReformerLM cases also use). ``dims``: the models' shared sizes."""
+    the ReformerLM cases also use). ``dims``: the models' shared sizes. ``sweeps``: which of
+    the three to run."""
 
     depths: tuple[int, ...]
     depth_len: int
@@ -38,6 +39,7 @@ class ModelSettings:
     ffn_d_ff: int
     ff_chunks: int
     dims: dict = field(default_factory=dict)
+    sweeps: tuple[str, ...] = ("depth", "length", "ffn")
 
 
 @dataclass(frozen=True)
@@ -81,5 +83,5 @@ FULL = Settings(
                         length_depth=4, ffn_len=16384, ffn_d_model=512, ffn_d_ff=4096, ff_chunks=8,
                         dims=dict(vocab_size=256, d_model=256, n_heads=4, d_ff=1024, bucket_size=64, n_hashes=4)),
     quality=QualitySettings(seq_len=2048, heads=4, bucket_sizes=(32, 64, 128), n_hashes=(1, 2, 4, 8), seeds=3),
-    repeats=7, budget_s=20.0, max_call_s=600.0, timeout_s=1800.0,
+    repeats=5, budget_s=10.0, max_call_s=600.0, timeout_s=1800.0,
 )

@@ -36,10 +36,13 @@ def test_parse_defaults_and_overrides():
     assert s.repeats == 2 and s.attention.head_dim == QUICK.attention.head_dim  # untouched fields keep the preset
     full = cli.settings_from_args(cli.parse_args(["all"]))
     assert max(full.attention.lengths) == 65536 and full.model.depths == (2, 4, 8, 12)
+    depth_only = cli.settings_from_args(cli.parse_args(["model", "--sweeps", "depth", "--depths", "2", "12"]))
+    assert {c.params["sweep"] for c in cli.plan("model", depth_only, "float32")} == {"depth"}
+    assert {c.params["depth"] for c in cli.plan("model", depth_only, "float32")} == {2, 12}
 
 
 @pytest.mark.parametrize("argv", [["nonsense"], ["attention", "--lengths", "0"], ["model", "--repeats", "-1"],
-                                  ["attention", "--dtype", "int8"], []])
+                                  ["attention", "--dtype", "int8"], ["model", "--sweeps", "width"], []])
 def test_parse_rejects_bad_arguments(argv):
     with pytest.raises(SystemExit):
         cli.parse_args(argv)
