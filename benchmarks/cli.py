@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fnmatch
+import signal
+import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -147,8 +149,15 @@ def write_outputs(out: Path, meta: dict, records: list[dict]) -> None:
     write_summary(out / "summary.md", meta, records, names)
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C, so the running worker process is killed too."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     s = settings_from_args(args)
     benchmarks = BENCHMARKS if args.benchmark == "all" else (args.benchmark,)
     limit = args.max_mem_gib * 2**30 if args.max_mem_gib else 0.85 * available_bytes(torch.device(args.device))
