@@ -45,21 +45,25 @@ def crossover(records: list[dict], fast: str, base: str) -> str:
 
 
 def at_longest(records: list[dict], fast: str, base: str) -> str:
-    """``fast`` versus ``base`` at the longest length where ``fast`` ran."""
+    """``fast`` versus ``base`` at the longest length where both ran, and why ``base`` did not
+    run at the longest length where ``fast`` ran (when it did not)."""
     t_fast, m_fast = _ok(records, fast), _ok(records, fast, "peak_mem_mib")
+    t_base, m_base = _ok(records, base), _ok(records, base, "peak_mem_mib")
     if not t_fast:
         return f"{fast} did not run"
+    both = sorted(set(t_fast) & set(t_base))
+    parts = []
+    if both:
+        n = both[-1]
+        parts.append(f"N = {n}: {fast} {t_fast[n]:,.0f} ms vs {base} {t_base[n]:,.0f} ms "
+                     f"({_times(t_base[n], t_fast[n], 'faster', 'slower')}); peak {m_fast[n]:,.0f} MiB vs "
+                     f"{m_base[n]:,.0f} MiB ({_times(m_base[n], m_fast[n], 'less', 'more')})")
     n = max(t_fast)
-    base_rec = next((r for r in records if r["series"] == base and r["params"].get("seq_len") == n), None)
-    if base_rec is None:
-        return f"N = {n}: {base} was not run"
-    if base_rec["status"] != "ok":
-        return (f"N = {n}: {fast} {t_fast[n]:,.0f} ms, {m_fast[n]:,.0f} MiB; {base} {base_rec['status']} "
-                f"({base_rec['note']})")
-    t_base, m_base = base_rec["time_fwdbwd_ms"], base_rec["peak_mem_mib"]
-    speed = _times(t_base, t_fast[n], "faster", "slower")
-    return (f"N = {n}: {fast} {t_fast[n]:,.0f} ms vs {base} {t_base:,.0f} ms ({speed}); "
-            f"peak {m_fast[n]:,.0f} MiB vs {m_base:,.0f} MiB ({_times(m_base, m_fast[n], 'less', 'more')})")
+    if not both or n > both[-1]:
+        rec = next((r for r in records if r["series"] == base and r["params"].get("seq_len") == n), None)
+        why = "not run" if rec is None else f"{rec['status']} ({rec['note']})"
+        parts.append(f"N = {n}: {fast} {t_fast[n]:,.0f} ms, {m_fast[n]:,.0f} MiB; {base} {why}")
+    return "; ".join(parts)
 
 
 def _times(base: float, fast: float, better: str, worse: str) -> str:

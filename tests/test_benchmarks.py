@@ -151,6 +151,11 @@ def test_crossover_statement_from_records():
     text = summary.crossover(records, "lsh[torch] h=4", "naive")
     assert "between N = 1024" in text and "N = 2048" in text and "N ~ 1,448" in text
     assert "not faster" in summary.crossover(records, "lsh[torch] h=4", "sdpa")
+    records.append(rec("lsh[torch] h=4", 8192, 20.0))
+    records.append(make_record(Case("attention", "naive", "naive", {"seq_len": 8192}), "skipped", "est. 9 GiB"))
+    longest = summary.at_longest(records, "lsh[torch] h=4", "naive")
+    assert longest.startswith("N = 4096: lsh[torch] h=4 10 ms vs naive 80 ms (8.0x faster)")
+    assert longest.endswith("N = 8192: lsh[torch] h=4 20 ms, 1 MiB; naive skipped (est. 9 GiB)")
 
 
 def _check_schema(path):
