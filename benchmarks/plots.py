@@ -58,8 +58,8 @@ def attention_plot(records: list[dict], path: Path, title: str) -> None:
 def _ffn_bars(ax, records: list[dict], key: str, label: str) -> None:
     ran = [r for r in records if r["status"] == "ok"]
     ax.bar([f"ff_chunks={r['params']['ff_chunks']}" for r in ran], [r[key] for r in ran])
-    ax.set(ylabel=label, title=f"feed-forward step, N={records[0]['params']['seq_len']} "
-                               f"d_ff={records[0]['params']['d_ff']}")
+    p = records[0]["params"]
+    ax.set(ylabel=label, title=f"feed-forward step, N={p['seq_len']} d_model={p['d_model']} d_ff={p['d_ff']}")
 
 
 def model_plot(records: list[dict], path: Path, title: str) -> None:
@@ -78,11 +78,11 @@ def model_plot(records: list[dict], path: Path, title: str) -> None:
             xname = "depth" if sweep == "depth" else "seq_len"
             _lines(ax, sub, lambda r: r["params"][xname], key)
             ax.set(xlabel="depth" if sweep == "depth" else "sequence length N", ylabel=label, title=f"{sweep} sweep")
-            ax.set_xticks(sorted({r["params"][xname] for r in sub}))
             if sweep == "length":
-                ax.set(xscale="log", yscale="log")
-            else:
-                ax.set_ylim(bottom=0)
+                ax.set(xscale="log")
+            ticks = sorted({r["params"][xname] for r in sub})
+            ax.set(yscale="log")
+            ax.set_xticks(ticks, [str(t) for t in ticks])
     lm = [r for r in records if r["params"]["sweep"] != "ffn"] or records
     shapes = _shapes(lm, ("vocab_size", "d_model", "n_heads", "d_ff", "bucket_size", "n_hashes", "dtype"))
     fig.suptitle(f"training step, batch 1 | {shapes}\n{title}", fontsize=9)
