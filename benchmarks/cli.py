@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import fnmatch
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Optional, Sequence
@@ -151,6 +152,7 @@ def write_outputs(out: Path, meta: dict, records: list[dict]) -> None:
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     """SIGTERM unwinds like Ctrl-C, so the running worker process is killed too."""
+    print(f"\nbenchmarks: stopped by signal {signum}", file=sys.stderr, flush=True)
     raise SystemExit(128 + signum)
 
 
