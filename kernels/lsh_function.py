@@ -104,19 +104,17 @@ class SortedCoreAdapter:
                 bucket_size=bucket_size, causal=causal, causal_mode=causal_mode, scale=scale,
             )
             lse_r = lse_r[:, :n].to(top.dtype)
-            # new running max in sorted order, then the weights of the old sums and of this round
-            old_top = top[g0:g1].gather(1, idx)
-            new_top = torch.maximum(old_top, lse_r)
+            lse_u = torch.empty_like(lse_r).scatter_(1, idx, lse_r)  # this round's lse, unsorted
+            old_top = top[g0:g1]
+            new_top = torch.maximum(old_top, lse_u)
             base = new_top.masked_fill(new_top == NEG_INF, 0.0)
-            w_old = torch.exp(old_top - base)
-            w_new = torch.exp(lse_r - base)
-            top[g0:g1].scatter_(1, idx, new_top)
-            tot = total[g0:g1]
-            tot.scatter_(1, idx, tot.gather(1, idx).mul_(w_old).add_(w_new))
-            acc = out[g0:g1].reshape(-1, d)
-            acc_sorted = acc.index_select(0, flat).view(gs, n, d)
-            acc_sorted.mul_(w_old.unsqueeze(-1)).addcmul_(out_r[:, :n].to(out.dtype), w_new.unsqueeze(-1))
-            acc.index_copy_(0, flat - g0 * n, acc_sorted.view(-1, d))
+            w_old = (old_top - base).exp_()  # weights of the sums so far ...
+            w_new = lse_u.sub_(base).exp_()  # ... and of this round
+            total[g0:g1].mul_(w_old).add_(w_new)
+            out[g0:g1].mul_(w_old.unsqueeze(-1))
+            weighted = out_r[:, :n].to(out.dtype).mul_(w_new.gather(1, idx).unsqueeze(-1))
+            out[g0:g1].view(-1, d).index_add_(0, flat - g0 * n, weighted.reshape(-1, d))
+            top[g0:g1] = new_top
 
     def backward_round(self, qk: Tensor, v: Tensor, pos: Tensor, order: Tensor, bkt: Tensor, do: Tensor,
                        lse: Tensor, delta: Tensor, dqk: Tensor, dv: Tensor, *, bucket_size: int, causal: bool,

@@ -32,6 +32,7 @@ from torch import Tensor
 from .hashing import KEY_EPS, compute_dtype
 
 SLAB_LOGITS_BYTES = 8 * 2**20
+MIN_CHUNKS_PER_GROUP_SLAB = 16  # below this, slabs span several groups (one matmul over copied windows)
 NEG_INF = float("-inf")
 
 
@@ -82,15 +83,16 @@ class _Round:
     # --- slabs -------------------------------------------------------------------------------
     def slabs(self) -> Iterator[tuple[slice, int, int]]:
         """``(groups, c0, c1)``: chunk 0 of every group first (``c0 = 0, c1 = 1``), then chunks
-        ``1..C-1`` in slabs of about ``SLAB_LOGITS_BYTES`` of logits (several whole groups per
-        slab when a group has few chunks)."""
+        ``1..C-1`` of one group in slabs of about ``SLAB_LOGITS_BYTES`` of logits (the windows are
+        then strided views handed to ``bmm``), or several whole groups per slab when a group has
+        fewer than ``MIN_CHUNKS_PER_GROUP_SLAB`` chunks."""
         yield slice(0, self.g), 0, 1
         rest = self.n_chunks - 1
         if rest == 0:
             return
         per_chunk = self.bs * self.window * torch.finfo(self.dtype).bits // 8
         step = max(1, SLAB_LOGITS_BYTES // per_chunk)
-        if step >= rest:
+        if rest < MIN_CHUNKS_PER_GROUP_SLAB:  # few chunks: several whole groups per slab (copied windows)
             groups = max(1, step // rest)
             for g0 in range(0, self.g, groups):
                 yield slice(g0, min(self.g, g0 + groups)), 1, self.n_chunks
