@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .lsh_common import KEY_EPS, SELF_LOGIT
 from .triton_configs import AotSpec, KernelConfig, Launcher, check_kernel_dtype, dot_dtype, head_block, storage_dtype
-from .triton_tiles import dot, dot_hi_lo, finish_softmax, load_tile, lse_for_probs, online_softmax_step, store_tile
+from .triton_tiles import INT32_LIMIT, pow2_split, program_id64, dot, dot_hi_lo, finish_softmax, load_tile, lse_for_probs, online_softmax_step, store_tile
 
 _KEY_EPS = tl.constexpr(KEY_EPS)
 _SELF_LOGIT = tl.constexpr(SELF_LOGIT)
@@ -104,7 +104,7 @@ def _lsh_fwd_kernel(
     of the chunks before them, streamed block by block through an online softmax."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
     start_m = tl.program_id(0) * BLOCK_M
-    g = tl.program_id(1)
+    g = program_id64(1)  # int64: g * stride_g can exceed 2**31
     n_chunks = n_rows // bucket_size
     offs_d = tl.arange(0, BLOCK_D)
     rows_q = start_m + tl.arange(0, BLOCK_M)
@@ -149,7 +149,7 @@ def _lsh_bwd_dq_kernel(
     """One program per (query block, group): writes the query-use gradient of its rows to DQK."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
     start_m = tl.program_id(0) * BLOCK_M
-    g = tl.program_id(1)
+    g = program_id64(1)  # int64: g * stride_g can exceed 2**31
     n_chunks = n_rows // bucket_size
     offs_d = tl.arange(0, BLOCK_D)
     rows_q = start_m + tl.arange(0, BLOCK_M)
@@ -172,7 +172,10 @@ def _lsh_bwd_dq_kernel(
             inv_k = _inv_norm(x_k)
             _, ds = _tile_grads(q, x_k, inv_k, rows_q, rows_k, pos_q, pos_k, do, v, lse, delta, bucket_size,
                                 n_chunks, hi, scale, causal, DOT)
-            dq += dot_hi_lo(ds * (inv_k * scale)[None, :], x_k, DOT)  # d logit / d q = scale * key
+            # d logit / d q = scale * x_k * inv_k; inv_k reaches 1 / KEY_EPS, so ds * inv_k could
+            # overflow float16: scale the raw keys by an exact power of two instead
+            pw, c = pow2_split(inv_k)
+            dq += dot_hi_lo(ds * (c * scale)[None, :], (x_k.to(tl.float32) * pw[:, None]).to(x_k.dtype), DOT)
     store_tile(DQK + g * stride_g, dq, rows_q, n_rows, offs_d, head_dim, stride_n)
 
 
@@ -187,7 +190,7 @@ def _lsh_bwd_dkdv_kernel(
     key-use gradient is chained through the normalisation and added to DQK (from the dq kernel)."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
     start_n = tl.program_id(0) * BLOCK_N
-    g = tl.program_id(1)
+    g = program_id64(1)  # int64: g * stride_g can exceed 2**31
     n_chunks = n_rows // bucket_size
     offs_d = tl.arange(0, BLOCK_D)
     rows_k = start_n + tl.arange(0, BLOCK_N)
@@ -252,6 +255,8 @@ def _check(qk: Tensor, v: Tensor, pos: Tensor, bucket_size: int) -> None:
             f"pos must be int32 of shape (G, Np) = {tuple(qk.shape[:2])}, got {pos.dtype} {tuple(pos.shape)}"
         )
     head_block("qk", qk.shape[2])
+    if qk.shape[1] * qk.shape[2] >= INT32_LIMIT:
+        raise ValueError(f"one group of qk must hold fewer than 2**31 elements, got Np * D = {qk.shape[1] * qk.shape[2]}")
 
 
 def _launch(launcher: Launcher, block: str, qk: Tensor, bucket_size: int, *tensors: Tensor, causal: bool,

@@ -211,3 +211,65 @@ def test_lsh_attention_fully_padded_sequence_gives_zeros():
         assert torch.isfinite(grad).all()
         assert torch.equal(grad[1], torch.zeros_like(grad[1]))
         assert (grad[0][:, mask[0]] == 0).all()
+
+
+# ------------------------------------------------------------------ 64-bit offsets, half precision
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from reformer.kernels.triton_tiles import program_id64  # noqa: E402
+
+
+@triton.jit
+def _offset_probe(Out, stride, WIDE: tl.constexpr):
+    """Out[g] = g * stride, with g widened to int64 (the kernels' way) or left int32."""
+    if WIDE:
+        g = program_id64(0)
+    else:
+        g = tl.program_id(0)
+    tl.store(Out + g, (g * stride).to(tl.int64))
+
+
+def test_group_offsets_are_computed_in_64_bits():
+    """g * stride_g for G = 4 groups of 2**30 elements: 2**31 and 3 * 2**30 wrap in int32."""
+    stride = 2**30
+    want = torch.arange(4, dtype=torch.int64) * stride
+    out = torch.zeros(4, dtype=torch.int64)
+    _offset_probe[(4,)](out, stride, WIDE=True)
+    assert torch.equal(out, want)
+    _offset_probe[(4,)](out, stride, WIDE=False)  # the int32 product wraps: the probe can tell
+    assert not torch.equal(out, want)
+
+
+def test_group_too_large_for_int32_offsets_raises():
+    qk = torch.empty(1, 1, 64).expand(1, 2**25, 64)  # 2**31 elements, never read: rejected first
+    with pytest.raises(ValueError, match="2\\*\\*31"):
+        triton_lsh._check(qk, qk, torch.zeros(1, 2**25, dtype=torch.int32), 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_near_zero_and_huge_norm_rows_stay_finite_and_accurate_in_half_precision(dtype):
+    """Keys with norm 1e-7 (1 / norm clamped to 1 / KEY_EPS = 1e6) and with norm ~1e4: the
+    query-use gradient multiplies score gradients by 1 / norm, which must not overflow or
+    underflow in half precision."""
+    g, n_pad, d, bucket_size = 1, 64, 32, 16
+    qk, v, do, pos = _round_inputs(g, n_pad, d, n_pad)
+    qk[0, 5] *= 1e-7 / qk[0, 5].norm()
+    qk[0, 20] *= 1e-6 / qk[0, 20].norm()
+    qk[0, 9] *= 1e4 / qk[0, 9].norm()
+    qk[0, 30] *= 3e3 / qk[0, 30].norm()
+    qk, v, do = qk.to(dtype), v.to(dtype), do.to(dtype)
+    scale = d**-0.5
+    q64, v64, do64 = qk.double(), v.double(), do.double()
+    out_ref, lse_ref = _dense_fwd(q64, v64, pos, bucket_size, False, scale)
+    out, lse = triton_lsh.fwd(qk, v, pos, bucket_size=bucket_size, causal=False, scale=scale)
+    out_tol = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10  # one output rounding
+    assert torch.isfinite(out).all() and (out.double() - out_ref).abs().max().item() <= out_tol
+    delta = (out_ref * do64).sum(-1)
+    dqk, dv = triton_lsh.bwd(qk, v, pos, do, lse_ref.float(), delta.float(), bucket_size=bucket_size,
+                             causal=False, scale=scale)
+    dqk_ref, dv_ref = _dense_bwd(q64, v64, pos, do64, lse_ref, delta, bucket_size, False, scale)
+    for got, want in ((dqk, dqk_ref), (dv, dv_ref)):
+        assert torch.isfinite(got).all()
+        row_err = (got.double() - want).abs().amax(-1)
+        assert (row_err <= 1e-3 * want.abs().amax(-1).clamp_min(1.0)).all()
