@@ -74,12 +74,20 @@ class AotSpec:
         """Divisibility hints as the JIT derives them for aligned inputs (none when unaligned)."""
         if not self.aligned:
             return {}
-        fixed = {p.num for p in self.kernel.params if p.do_not_specialize}
+        fixed = not_specialized(self.kernel)
         return {
             (i,): [["tt.divisibility", 16]]
-            for i, t in enumerate(self.signature().values())
-            if i not in fixed and (t.startswith("*") or t in ("i32", "i64"))
+            for i, (name, t) in enumerate(self.signature().items())
+            if name not in fixed and (t.startswith("*") or t in ("i32", "i64"))
         }
+
+
+def not_specialized(kernel: Any) -> set[str]:
+    """Names of the kernel arguments listed in its ``do_not_specialize`` (JIT or interpreted)."""
+    if hasattr(kernel, "params"):
+        return {p.name for p in kernel.params if p.do_not_specialize}
+    names = getattr(kernel, "kwargs", {}).get("do_not_specialize") or ()
+    return {kernel.arg_names[n] if isinstance(n, int) else n for n in names}
 
 
 def is_interpreted(kernel: Any) -> bool:
