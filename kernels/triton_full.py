@@ -25,7 +25,7 @@ from einops import rearrange
 from torch import Tensor
 
 from .triton_configs import AotSpec, KernelConfig, Launcher, check_kernel_dtype, dot_dtype, head_block, storage_dtype
-from .triton_tiles import dot, dot_hi_lo, finish_softmax, load_tile, lse_for_probs, online_softmax_step, store_tile
+from .triton_tiles import INT32_LIMIT, program_id64, dot, dot_hi_lo, finish_softmax, load_tile, lse_for_probs, online_softmax_step, store_tile
 
 
 @triton.jit
@@ -36,7 +36,7 @@ def _permitted(offs_m, offs_n, n_k, kpm_row, causal):
     return ok & ((offs_n[None, :] <= offs_m[:, None]) | (causal == 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["causal"])
 def _fwd_kernel(
     Q, K, V, KPM, Out, Lse,
     stride_qg, stride_qn, stride_kg, stride_kn, stride_vg, stride_vn, stride_og, stride_on,
@@ -46,7 +46,7 @@ def _fwd_kernel(
     """One program per query block: online softmax over the permitted key blocks."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
     start_m = tl.program_id(0) * BLOCK_M
-    g = tl.program_id(1)
+    g = program_id64(1)  # int64: g * stride_g can exceed 2**31
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     kpm_row = KPM + (g // n_heads) * n_k
@@ -70,7 +70,7 @@ def _fwd_kernel(
     tl.store(Lse + g * n_q + offs_m, lse, mask=offs_m < n_q)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["causal"])
 def _bwd_dkdv_kernel(
     Q, K, V, KPM, DO, Lse, Delta, DK, DV,
     stride_qg, stride_qn, stride_kg, stride_kn, stride_vg, stride_vn, stride_og, stride_on,
@@ -80,7 +80,7 @@ def _bwd_dkdv_kernel(
     """One program per key block: dk, dv summed over every query block that sees it."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
     start_n = tl.program_id(0) * BLOCK_N
-    g = tl.program_id(1)
+    g = program_id64(1)  # int64: g * stride_g can exceed 2**31
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kpm_row = KPM + (g // n_heads) * n_k
@@ -108,7 +108,7 @@ def _bwd_dkdv_kernel(
     store_tile(DV + g * stride_vg, dv, offs_n, n_k, offs_d, head_dim_v, stride_vn)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["causal"])
 def _bwd_dq_kernel(
     Q, K, V, KPM, DO, Lse, Delta, DQ,
     stride_qg, stride_qn, stride_kg, stride_kn, stride_vg, stride_vn, stride_og, stride_on,
@@ -118,7 +118,7 @@ def _bwd_dq_kernel(
     """One program per query block: dq summed over every key block it sees."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
     start_m = tl.program_id(0) * BLOCK_M
-    g = tl.program_id(1)
+    g = program_id64(1)  # int64: g * stride_g can exceed 2**31
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     kpm_row = KPM + (g // n_heads) * n_k
@@ -143,21 +143,33 @@ def _bwd_dq_kernel(
     store_tile(DQ + g * stride_qg, dq * scale, offs_m, n_q, offs_d, head_dim, stride_qn)
 
 
-# Block configs: the forward is autotuned on GPU over two configs; each backward kernel has one
-# (dk/dv: few queries per step against a wide key block; dq: the transpose). float32 uses
-# smaller tiles: its 3xTF32 dots need more registers and shared memory. The interpreter runs
+# Block configs per (dtype, head block): the forward is autotuned on GPU over two configs; each
+# backward kernel has one (dk/dv: few queries per step against a wide key block; dq: the
+# transpose). Chosen so that no configuration spills registers on sm_80 / sm_90 with the JIT's
+# specialisation for aligned inputs (``python -m reformer.kernels.triton_aot``; docs/triton.md):
+# float32 (3xTF32 dots) and head dim 128 need smaller tiles or more warps. The interpreter runs
 # one fixed config per kernel with unequal blocks (partial blocks, causal block bounds); the
 # tests also run every GPU config under the interpreter.
-_F32 = (KernelConfig({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),)
-_HALF_FWD = (
-    KernelConfig({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-    KernelConfig({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-)
-_HALF_DKDV = (KernelConfig({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),)
-_HALF_DQ = (KernelConfig({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),)
-FWD_CONFIGS = {torch.float32: _F32, torch.float16: _HALF_FWD, torch.bfloat16: _HALF_FWD}
-DKDV_CONFIGS = {torch.float32: _F32, torch.float16: _HALF_DKDV, torch.bfloat16: _HALF_DKDV}
-DQ_CONFIGS = {torch.float32: _F32, torch.float16: _HALF_DQ, torch.bfloat16: _HALF_DQ}
+def _cfg(m: int, n: int, warps: int = 4, stages: int = 2) -> KernelConfig:
+    return KernelConfig({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+
+
+def _configs(half: dict, f32: dict) -> dict:
+    """{(dtype, head block): configs} from {head block: configs} per precision."""
+    table = {}
+    for block_d in (16, 32, 64, 128):
+        table[(torch.float16, block_d)] = table[(torch.bfloat16, block_d)] = tuple(half[block_d])
+        table[(torch.float32, block_d)] = tuple(f32[block_d])
+    return table
+
+
+_HALF_FWD = (_cfg(64, 64), _cfg(128, 64, 8))
+FWD_CONFIGS = _configs({16: _HALF_FWD, 32: _HALF_FWD, 64: _HALF_FWD, 128: (_cfg(64, 64, 8), _cfg(128, 64, 8))},
+                       {d: (_cfg(32, 32),) for d in (16, 32, 64, 128)})
+DKDV_CONFIGS = _configs({16: (_cfg(32, 64),), 32: (_cfg(32, 64),), 64: (_cfg(32, 64),), 128: (_cfg(32, 32),)},
+                        {16: (_cfg(32, 32),), 32: (_cfg(16, 32),), 64: (_cfg(16, 32),), 128: (_cfg(16, 16, 8),)})
+DQ_CONFIGS = _configs({d: (_cfg(64, 32),) for d in (16, 32, 64, 128)},
+                      {16: (_cfg(32, 32),), 32: (_cfg(32, 16),), 64: (_cfg(32, 32),), 128: (_cfg(16, 32),)})
 _TUNE_KEY = ("n_q", "n_k", "causal", "BLOCK_D")
 _FWD = Launcher(_fwd_kernel, FWD_CONFIGS, _TUNE_KEY, KernelConfig({"BLOCK_M": 64, "BLOCK_N": 32}))
 _BWD_DKDV = Launcher(_bwd_dkdv_kernel, DKDV_CONFIGS, _TUNE_KEY, KernelConfig({"BLOCK_M": 32, "BLOCK_N": 64}))
@@ -234,6 +246,9 @@ def full_attention_triton(
     head_block("q", q.shape[-1])
     head_block("v", v.shape[-1])
     b, h, n_k = k.shape[0], k.shape[1], k.shape[2]
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.shape[2] * x.shape[3] >= INT32_LIMIT:
+            raise ValueError(f"one (batch, head) slab of {name} must hold fewer than 2**31 elements, got {x.shape[2] * x.shape[3]}")
     if key_padding_mask is None:
         kpm = torch.zeros(b, n_k, device=q.device, dtype=torch.int8)
     else:
