@@ -48,7 +48,7 @@ def tied_mha(seed=0):
 @pytest.mark.parametrize("causal", [False, True])
 def test_self_attention_with_one_chunk_equals_full_reference(causal):
     torch.manual_seed(0)
-    attn = LSHSelfAttention(D_MODEL, HEADS, bucket_size=16, n_hashes=2, causal=causal).eval()
+    attn = LSHSelfAttention(D_MODEL, HEADS, bucket_size=16, n_hashes=2, causal=causal, causal_mode="chunk").eval()
     x, mask = features(), left_aligned_mask([12, 9], 12)
     out = attn(x, key_padding_mask=mask)
     assert out.shape == x.shape
@@ -116,7 +116,8 @@ def test_from_torch_batch_first_false_and_unbatched_inputs():
 
 def test_is_causal_and_causal_attn_masks_select_causal_attention():
     torch.manual_seed(0)
-    lsh = LSHMultiheadAttention(D_MODEL, HEADS, bucket_size=16, n_hashes=2, seed=0).eval()
+    lsh = LSHMultiheadAttention(D_MODEL, HEADS, bucket_size=16, n_hashes=2, seed=0, batch_first=True,
+                                causal_mode="chunk").eval()
     x = features()
     ref = module_reference(lsh, x, causal=True)
     bool_mask = torch.ones(12, 12, dtype=torch.bool).triu(1)
