@@ -29,6 +29,8 @@ _EXPORTS = {
     "ReversibleSequence": "reversible",
     "ReformerConfig": "config",
     "ReformerLM": "model",
+    "ModelCache": "generation",
+    "lsh_attention_weights": "lsh_attention",
     # tools
     "swap_attention": "swap",
     "swap_positional": "swap",
