@@ -346,10 +346,12 @@ class LSHMultiheadAttention(_SharedQKAttention):
 
     Differences: ``dropout`` acts on the attention output, not the probabilities; there is no
     key projection (keys are the normalised shared QK projection). There is no packed
-    in-projection, so ``in_proj_weight``/``in_proj_bias`` are None and ``_qkv_same_embed_dim`` is
-    False: torch's fused ``nn.TransformerEncoderLayer`` fast path checks these and declines, so
-    this module's forward always runs. Nested-tensor inputs (what ``nn.TransformerEncoder``
-    passes in eval mode with a padding mask) are accepted.
+    in-projection: ``in_proj_weight``/``in_proj_bias`` are empty tensors (torch's encoder
+    inspects them; they take no part in the computation) and ``_qkv_same_embed_dim`` is False,
+    so torch's fused ``nn.TransformerEncoderLayer`` fast path declines and this module's forward
+    always runs. Nested-tensor inputs (what ``nn.TransformerEncoder`` passes in eval mode with
+    a padding mask under ``torch.no_grad``) are accepted; with grad enabled the encoder passes
+    padded inputs and the mask instead.
 
     Args:
         embed_dim, num_heads, dropout, bias, batch_first: as in ``nn.MultiheadAttention``
@@ -359,8 +361,16 @@ class LSHMultiheadAttention(_SharedQKAttention):
     """
 
     _qkv_same_embed_dim = False
-    in_proj_weight = None
-    in_proj_bias = None
+
+    @property
+    def in_proj_weight(self) -> Tensor:
+        """An empty tensor: there is no packed in-projection (``qk_proj``, ``v_proj`` instead)."""
+        return self.qk_proj.weight.new_empty(0)
+
+    @property
+    def in_proj_bias(self) -> Tensor:
+        """An empty tensor, like ``in_proj_weight``."""
+        return self.qk_proj.weight.new_empty(0)
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  batch_first: bool = False, *, bucket_size: int = 64, n_hashes: int = 4, seed: Optional[int] = None,

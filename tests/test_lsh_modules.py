@@ -239,3 +239,69 @@ def test_multihead_attention_rejects_what_lsh_cannot_honour(call, match):
 def test_bad_construction_raises(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+def test_defaults_like_torch_batch_first_false_inside_a_default_encoder_layer():
+    assert LSHMultiheadAttention(D_MODEL, HEADS).batch_first is False
+    assert nn.MultiheadAttention(D_MODEL, HEADS).batch_first is False
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(D_MODEL, HEADS, dim_feedforward=32, dropout=0.0)  # (N, B, E)
+    layer.self_attn = LSHMultiheadAttention.from_torch(layer.self_attn, bucket_size=4, n_hashes=2, seed=0)
+    assert layer.self_attn.batch_first is False
+    plain = LSHMultiheadAttention(D_MODEL, HEADS, bucket_size=4, n_hashes=2, seed=0)
+    plain.load_state_dict(layer.self_attn.state_dict())
+    x = features(n=12).transpose(0, 1).contiguous()  # (N, B, E)
+    layer.eval()
+    with torch.no_grad():
+        out = layer(x)
+        assert out.shape == (12, 2, D_MODEL)
+        torch.testing.assert_close(out, manual_layer(layer, x, plain.eval()(x, x, x)[0]))
+        seq_first = plain(x, x, x)[0]
+        plain.batch_first = True  # the same sequences given batch first
+        xb = x.transpose(0, 1)
+        torch.testing.assert_close(plain(xb, xb, xb)[0], seq_first.transpose(0, 1))
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+def test_swapped_encoder_eval_with_padding_mask_and_grad_enabled():
+    """nn.TransformerEncoder (enable_nested_tensor=True) with a hand-swapped LSH layer, eval mode,
+    padding mask, grad enabled: torch inspects in_proj_weight/in_proj_bias; it must run and agree
+    with the no_grad (nested tensor) path."""
+    torch.manual_seed(0)
+    template = nn.TransformerEncoderLayer(D_MODEL, HEADS, dim_feedforward=32, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(template, num_layers=2).eval()
+    assert encoder.use_nested_tensor
+    for layer in encoder.layers:
+        layer.self_attn = LSHMultiheadAttention.from_torch(layer.self_attn, bucket_size=4, n_hashes=2, seed=0)
+    encoder.eval()  # the new modules too: fixed rotations
+    x, mask = features(n=24), left_aligned_mask([24, 17], 24)
+    with_grad = encoder(x, src_key_padding_mask=mask)
+    with torch.no_grad():
+        nested = encoder(x, src_key_padding_mask=mask)
+    keep = ~mask[..., None]
+    torch.testing.assert_close(with_grad * keep, nested * keep, atol=1e-5, rtol=0)
+    (with_grad * keep).sum().backward()
+    assert encoder.layers[0].self_attn.qk_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("make,error,match", [
+    (lambda: LSHSelfAttention(16, 2, causal="no"), TypeError, "causal must be a bool"),
+    (lambda: LSHSelfAttention(16, 2, dropout="0.1"), TypeError, "dropout must be a float"),
+    (lambda: LSHSelfAttention(16, 2, n_buckets=5), ValueError, "n_buckets entries must be even"),
+    (lambda: LSHSelfAttention(16, 2, n_buckets=(2, 4, 8)), ValueError, "pair"),
+    (lambda: LSHSelfAttention(16, 2, n_buckets=8.0), TypeError, "n_buckets must be an even int"),
+    (lambda: LSHSelfAttention(16, 2, causal_mode="window"), ValueError, "causal_mode must be one of"),
+    (lambda: LSHMultiheadAttention(16, 2, batch_first="yes"), TypeError, "batch_first must be a bool"),
+    (lambda: LSHMultiheadAttention(16, 2, dropout=None), TypeError, "dropout must be a float"),
+])
+def test_bad_types_raise(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_input_dtype_other_than_the_parameters_raises_a_type_error():
+    attn = LSHSelfAttention(D_MODEL, HEADS, bucket_size=4)
+    with pytest.raises(TypeError, match=r"x has dtype torch.float64 but the module's parameters are torch.float32"):
+        attn(features().double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attn(features()).shape == (2, 12, D_MODEL)  # autocast decides the dtypes itself
