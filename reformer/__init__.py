@@ -30,6 +30,8 @@ _EXPORTS = {
     "ReformerConfig": "config",
     "ReformerLM": "model",
     "ModelCache": "generation",
+    "ReformerEncDec": "encdec",
+    "EncDecConfig": "encdec",
     "lsh_attention_weights": "lsh_attention",
     # tools
     "swap_attention": "swap",

@@ -79,8 +79,14 @@ class KVCache(_Buffers):
         self.static = static
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append ``k, v (B, H, T, D)``; returns all cached keys and values ``(B, H, L, D)``."""
-        self._write({"k": 2, "v": 2}, k=k, v=v)
+        """Append ``k, v (B, H, T, D)``; returns all cached keys and values ``(B, H, L, D)``.
+        A static cache takes one call (any length: ``capacity`` bounds only appended caches)."""
+        if self.static:
+            if self.length:
+                raise ValueError("a static (cross-attention) cache is filled once")
+            self._data, self.length = {"k": k, "v": v}, k.shape[2]
+        else:
+            self._write({"k": 2, "v": 2}, k=k, v=v)
         return self.keys, self.values
 
     @property
