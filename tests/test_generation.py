@@ -1,6 +1,7 @@
 """Cached incremental decoding (LSH "bucket" mode and full attention), dense LSH weights, sampling
 options of generate (greedy, top-k, top-p, eos/pad, tiny temperatures, cropping)."""
 import dataclasses
+import json
 import math
 
 import pytest
@@ -253,3 +254,17 @@ def test_generate_restores_training_mode_and_config_records_the_hashing_scheme()
     assert model.layers.blocks[1].f.fn.n_buckets == 6 and model.layers.blocks[1].f.fn.causal_mode == "bucket"
     model.generate(torch.zeros(1, 3, dtype=torch.long), 2)
     assert model.training
+
+
+def test_generate_benchmark_quick_smoke(tmp_path, capsys):
+    from benchmarks.generate import main
+
+    path = tmp_path / "generate.json"
+    assert main(["--quick", "--prompt-len", "40", "--new-tokens", "4", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert result["prompt_len"] == 40 and result["new_tokens"] == 4 and result["uncached_tokens"] == 2
+    assert result["cached_ms_per_token"] > 0 and result["uncached_ms_per_token"] > 0
+    out = capsys.readouterr().out
+    assert "cached" in out and "uncached" in out and "speedup" in out
+    with pytest.raises(SystemExit):
+        main(["--quick", "--new-tokens", "0"])
