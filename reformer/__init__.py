@@ -33,6 +33,7 @@ _EXPORTS = {
     "ReformerEncDec": "encdec",
     "EncDecConfig": "encdec",
     "lsh_attention_weights": "lsh_attention",
+    "record_attention": "recorder",
     # tools
     "swap_attention": "swap",
     "swap_positional": "swap",

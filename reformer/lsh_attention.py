@@ -34,6 +34,7 @@ from reformer.kernels import lsh_attention, lsh_buckets
 from ._validation import check_dropout, check_features, check_heads, check_positive, check_seed
 from .config import CAUSAL_MODES, check_n_buckets
 from .generation import SELF_LOGIT, LSHCache, NBuckets, lsh_decode_attention
+from .recorder import MAX_DENSE_LEN
 
 
 def _check_bool(name: str, value: object) -> bool:
@@ -182,6 +183,7 @@ class _SharedQKAttention(nn.Module):
         self.qk_proj = nn.Linear(d_model, d_model, bias=bias)
         self.v_proj = nn.Linear(d_model, d_model, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        self._recorder = None  # set by reformer.record_attention
 
     def _project(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x ``(B, N, d_model)`` -> shared qk and v ``(B, H, N, Dh)``."""
@@ -194,11 +196,15 @@ class _SharedQKAttention(nn.Module):
         return qk, v
 
     def _attend(self, x: Tensor, key_padding_mask: Optional[Tensor], causal: bool,
-                cache: Optional[LSHCache] = None) -> Tensor:
-        """x: ``(B, N, d_model)``; key_padding_mask: ``(B, N)`` bool, True = padding."""
+                cache: Optional[LSHCache] = None, want_weights: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        """x: ``(B, N, d_model)``; key_padding_mask: ``(B, N)`` bool, True = padding. Returns the
+        output ``(B, N, d_model)`` and, when ``want_weights``, the dense weights ``(B, H, N, N)``."""
         qk, v = self._project(x)
+        weights = None
         if cache is not None:
             out = self._cached(qk, v, key_padding_mask, causal, cache)
+        elif want_weights or self._recorder is not None:
+            out, weights = self._attend_inspected(qk, v, key_padding_mask, causal, want_weights)
         else:
             out = _lsh(
                 qk, v, bucket_size=self.bucket_size, n_hashes=self.n_hashes, causal=causal,
@@ -206,7 +212,32 @@ class _SharedQKAttention(nn.Module):
                 seed=None if self.training else self.seed, backend=self.backend,
             )  # (B, H, N, Dh)
         out = F.dropout(out, self.dropout, self.training)
-        return self.out_proj(rearrange(out, "b h n d -> b n (h d)"))
+        return self.out_proj(rearrange(out, "b h n d -> b n (h d)")), weights
+
+    def _attend_inspected(self, qk: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool,
+                          want_weights: bool) -> tuple[Tensor, Optional[Tensor]]:
+        """LSH attention with rotations drawn here (the ones the kernel would draw), recording
+        buckets/weights for ``reformer.record_attention`` and returning the weights when asked."""
+        n = qk.shape[2]
+        if want_weights and n > MAX_DENSE_LEN:
+            raise ValueError(f"need_weights=True forms a dense (B, H, N, N) matrix and is limited to "
+                             f"N <= {MAX_DENSE_LEN}, got N={n}")
+        n_buckets = _default_n_buckets(n, self.bucket_size) if self.n_buckets is None else self.n_buckets
+        rotations = draw_rotations(self.n_heads, self.head_dim, self.n_hashes, n_buckets,
+                                   seed=None if self.training else self.seed, device=qk.device)
+        out = _lsh(qk, v, bucket_size=self.bucket_size, n_hashes=self.n_hashes, causal=causal,
+                   causal_mode=self.causal_mode, n_buckets=n_buckets, key_padding_mask=key_padding_mask,
+                   rotations=rotations, backend=self.backend)
+        recorder = self._recorder
+        weights = None
+        if want_weights or (recorder is not None and recorder.wants_weights(n)):
+            weights = lsh_attention_weights(qk.detach(), bucket_size=self.bucket_size, n_hashes=self.n_hashes,
+                                            n_buckets=n_buckets, rotations=rotations, causal=causal,
+                                            causal_mode=self.causal_mode, key_padding_mask=key_padding_mask)
+        if recorder is not None:
+            buckets = lsh_buckets(qk.detach(), n_buckets=n_buckets, n_hashes=self.n_hashes, rotations=rotations)
+            recorder.add(self, buckets, weights if recorder.wants_weights(n) else None)
+        return out, weights
 
     def _cached(self, qk: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool,
                 cache: LSHCache) -> Tensor:
@@ -286,7 +317,7 @@ class LSHSelfAttention(_SharedQKAttention):
         ``"bucket"`` mode only): an empty cache takes the whole prompt (the prefill), after that
         each call takes one new position ``(B, 1, d_model)`` and attends to the cached ones."""
         check_features("x", x, self.d_model)
-        return self._attend(x, key_padding_mask, self.causal, cache)
+        return self._attend(x, key_padding_mask, self.causal, cache)[0]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, causal={self.causal}, causal_mode={self.causal_mode!r}"
@@ -336,13 +367,18 @@ def _is_causal(attn_mask: Optional[Tensor], is_causal: bool, n: int) -> bool:
 
 class LSHMultiheadAttention(_SharedQKAttention):
     """Drop-in replacement for ``torch.nn.MultiheadAttention`` (self-attention) using shared-QK
-    LSH attention: same constructor prefix, call signature and return value ``(output, None)``.
+    LSH attention: same constructor prefix, call signature and return value ``(output, weights)``.
+
+    ``need_weights`` defaults to False (weights None): LSH attention never forms the ``(N, N)``
+    matrix. With ``need_weights=True`` (N <= 4096) the combined LSH weights are formed densely
+    from the same rotations (``lsh_attention_weights``): ``(B, N, N)`` averaged over heads, or
+    ``(B, H, N, N)`` with ``average_attn_weights=False``; they are the weights before dropout.
 
     It cannot honour everything ``nn.MultiheadAttention`` can, and raises ``ValueError`` for:
     ``key``/``value`` other than the tensor passed as ``query`` (the same object or a view of
-    the same memory; shared-QK LSH is self-attention only); ``need_weights=True`` (LSH never
-    forms the ``(N, N)`` weight matrix, so the default here is ``False``); an ``attn_mask``
-    other than the causal mask; a float ``key_padding_mask`` with values other than 0 and -inf.
+    the same memory; shared-QK LSH is self-attention only); ``need_weights=True`` with N > 4096
+    or a nested query; an ``attn_mask`` other than the causal mask; a float
+    ``key_padding_mask`` with values other than 0 and -inf.
 
     Differences: ``dropout`` acts on the attention output, not the probabilities; there is no
     key projection (keys are the normalised shared QK projection). There is no packed
@@ -382,20 +418,21 @@ class LSHMultiheadAttention(_SharedQKAttention):
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = False, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> tuple[Tensor, None]:
+                is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
         """query (= key = value): ``(B, N, E)`` if batch_first, ``(N, B, E)`` otherwise, ``(N, E)``
         unbatched, or a nested tensor of ``(N_i, E)`` sequences. key_padding_mask: ``(B, N)`` bool
         (True = padding) or float (-inf = padding). attn_mask: None or the causal mask.
-        average_attn_weights is accepted for compatibility and ignored (no weights are returned).
-        Returns ``(output shaped like query, None)``."""
+        Returns ``(output shaped like query, weights)``: weights None unless ``need_weights``,
+        then ``(B, N, N)`` (head average) or ``(B, H, N, N)`` (``average_attn_weights=False``),
+        without the batch dim for unbatched input."""
         if not isinstance(query, Tensor):
             raise TypeError(f"query must be a torch.Tensor, got {type(query).__name__}")
-        if need_weights:
-            raise ValueError("need_weights=True is not supported: LSH attention never forms the attention weights")
         if not (_same_tensor(key, query) and _same_tensor(value, query)):
             raise ValueError("LSHMultiheadAttention is shared-QK self-attention: key and value must be the same "
                              "tensor as query (no cross-attention)")
         if query.is_nested:
+            if need_weights:
+                raise ValueError("need_weights=True is not supported for nested queries")
             if attn_mask is not None or key_padding_mask is not None:
                 raise ValueError("a nested query carries its own padding: pass no attn_mask or key_padding_mask")
             return self._nested_forward(query, bool(is_causal)), None
@@ -404,16 +441,20 @@ class LSHMultiheadAttention(_SharedQKAttention):
         check_features("query", x, self.embed_dim)
         mask = _padding_mask(key_padding_mask)
         mask = mask.unsqueeze(0) if unbatched and mask is not None else mask
-        out = self._attend(x, mask, _is_causal(attn_mask, is_causal, x.shape[1]))
+        out, weights = self._attend(x, mask, _is_causal(attn_mask, is_causal, x.shape[1]),
+                                    want_weights=bool(need_weights))
         out = out.squeeze(0) if unbatched else (out if self.batch_first else out.transpose(0, 1))
-        return out, None
+        if weights is not None:
+            weights = weights.mean(dim=1) if average_attn_weights else weights
+            weights = weights.squeeze(0) if unbatched else weights
+        return out, weights
 
     def _nested_forward(self, x: Tensor, causal: bool) -> Tensor:
         """Nested ``(B, N_i, E)`` -> padded ``(B, N, E)`` with a padding mask -> nested output."""
         if x.dim() != 3 or x.size(-1) != self.embed_dim:
             raise ValueError(f"a nested query must be batched with last dim embed_dim={self.embed_dim}")
         keep = torch.ones_like(x).to_padded_tensor(0.0)[..., 0] > 0  # (B, N), left-aligned sequences
-        out = self._attend(x.to_padded_tensor(0.0), ~keep, causal)
+        out = self._attend(x.to_padded_tensor(0.0), ~keep, causal)[0]
         return torch._nested_tensor_from_mask(out, keep, mask_check=False)
 
     @classmethod

@@ -205,7 +205,7 @@ def test_encoder_built_from_an_lsh_layer_declines_nested_tensors():
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda m, x: m(x, x, x, need_weights=True), "need_weights=True is not supported"),
+    (lambda m, x: (lambda y: m(y, y, y, need_weights=True))(torch.zeros(4097, 1, D_MODEL)), "N <= 4096"),
     (lambda m, x: m(x, x.clone(), x), "key and value must be the same tensor as query"),
     (lambda m, x: m(x, x, torch.zeros_like(x)), "key and value must be the same tensor as query"),
     (lambda m, x: m(x, x, x, attn_mask=torch.ones(12, 12, dtype=torch.bool).tril()), "only the causal attn_mask"),
@@ -305,3 +305,60 @@ def test_input_dtype_other_than_the_parameters_raises_a_type_error():
         attn(features().double())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert attn(features()).shape == (2, 12, D_MODEL)  # autocast decides the dtypes itself
+
+
+@pytest.mark.parametrize("causal, causal_mode", [(False, "bucket"), (True, "bucket"), (True, "chunk")])
+def test_need_weights_returns_dense_weights_whose_product_with_v_is_the_output(causal, causal_mode):
+    torch.manual_seed(0)
+    lsh = LSHMultiheadAttention(D_MODEL, HEADS, bucket_size=4, n_hashes=3, seed=2, batch_first=True,
+                                causal_mode=causal_mode).double().eval()
+    x, mask = features(n=19).double(), left_aligned_mask([19, 14], 19)
+    out, weights = lsh(x, x, x, key_padding_mask=mask, need_weights=True, average_attn_weights=False,
+                       is_causal=causal)
+    assert weights.shape == (2, HEADS, 19, 19)
+    v = rearrange(lsh.v_proj(x), "b n (h d) -> b h n d", h=HEADS)
+    expected = lsh.out_proj(rearrange(weights @ v, "b h n d -> b n (h d)"))
+    keep = ~mask[..., None]
+    torch.testing.assert_close(out * keep, expected * keep)
+    torch.testing.assert_close(out, lsh(x, x, x, key_padding_mask=mask, is_causal=causal)[0])  # same rotations
+    assert torch.all(weights[1, :, 14:] == 0) and torch.all(weights[..., 14:][1] == 0)  # padding
+    if causal:
+        assert torch.all(weights.triu(1) == 0)
+    off_diagonal = weights.masked_fill(torch.eye(19, dtype=torch.bool), 0).count_nonzero(-1)
+    assert off_diagonal.max() < 18  # LSH: far from full attention at bucket_size 4
+    averaged = lsh(x, x, x, key_padding_mask=mask, need_weights=True, is_causal=causal)[1]
+    torch.testing.assert_close(averaged, weights.mean(1))
+    single = lsh(x[0], x[0], x[0], need_weights=True, is_causal=causal)[1]
+    assert single.shape == (19, 19)
+
+
+def test_record_attention_keeps_outputs_and_records_buckets_and_weights():
+    from reformer import ReformerConfig, ReformerLM, record_attention
+
+    torch.manual_seed(0)
+    model = ReformerLM(ReformerConfig(vocab_size=32, d_model=32, n_heads=4, depth=3, d_ff=32, max_seq_len=40,
+                                      bucket_size=4, n_hashes=2, seed=1)).eval()
+    tokens = torch.randint(0, 32, (2, 23))
+    with torch.no_grad():
+        plain = model(tokens)
+        with record_attention(model) as rec:
+            recorded = model(tokens)
+        torch.testing.assert_close(recorded, plain)
+        assert [r.name for r in rec.records] == [f"layers.blocks.{i}.f.fn" for i in range(3)]
+        for record, block in zip(rec.records, model.layers.blocks):
+            assert record.buckets.shape == (2, 4, 2, 23) and record.weights.shape == (2, 4, 23, 23)
+            assert int(record.buckets.max()) < model.config.n_buckets
+            assert torch.all(record.weights.triu(1) == 0)
+            torch.testing.assert_close(record.weights.sum(-1), torch.ones(2, 4, 23))
+        assert model(tokens) is not None and len(rec.records) == 3  # stopped recording
+        with record_attention(model, max_len=10) as small:
+            model(tokens)
+        assert small.records[0].weights is None and small.records[0].buckets.shape == (2, 4, 2, 23)
+    torch.manual_seed(5)
+    model.train()
+    with record_attention(model, weights=False) as rec:
+        torch.manual_seed(5)
+        trained = model(tokens)
+    torch.manual_seed(5)
+    assert torch.equal(trained, model(tokens))  # the same global-RNG draws with and without recording
+    assert all(r.weights is None for r in rec.records)
