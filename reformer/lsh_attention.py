@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from reformer.kernels import lsh_attention, lsh_buckets
+from reformer.kernels import default_n_buckets, lsh_attention, lsh_buckets
 
 from ._validation import check_dropout, check_features, check_heads, check_positive, check_seed
 from .config import CAUSAL_MODES, check_n_buckets
@@ -55,37 +55,13 @@ def rotation_width(n_buckets: NBuckets) -> int:
     return n_buckets // 2 if isinstance(n_buckets, int) else n_buckets[0] // 2 + n_buckets[1] // 2
 
 
-def _kernel_has_modes() -> bool:  # TEMP until the kernels take causal_mode/n_buckets
-    import inspect
-
-    return "causal_mode" in inspect.signature(lsh_attention).parameters
-
-
 def _lsh(qk: Tensor, v: Tensor, *, bucket_size: int, n_hashes: int, causal: bool, causal_mode: str,
          n_buckets: Optional[NBuckets], key_padding_mask: Optional[Tensor], rotations: Optional[Tensor] = None,
          seed: Optional[int] = None, backend: str = "auto") -> Tensor:
     """``reformer.kernels.lsh_attention`` with the module's hashing scheme."""
-    if _kernel_has_modes():
-        return lsh_attention(qk, v, bucket_size=bucket_size, n_hashes=n_hashes, causal=causal,
-                             causal_mode=causal_mode, n_buckets=n_buckets, key_padding_mask=key_padding_mask,
-                             rotations=rotations, seed=seed, backend=backend)
-    n_buckets = _default_n_buckets(qk.shape[2], bucket_size) if n_buckets is None else n_buckets
-    if rotations is None:
-        rotations = draw_rotations(qk.shape[1], qk.shape[3], n_hashes, n_buckets, seed=seed, device=qk.device)
-    if causal and causal_mode == "bucket":
-        weights = lsh_attention_weights(qk, bucket_size=bucket_size, n_hashes=n_hashes, n_buckets=n_buckets,
-                                        rotations=rotations, causal=True, key_padding_mask=key_padding_mask)
-        return torch.matmul(weights.to(v.dtype), v)
-    return lsh_attention(qk, v, bucket_size=bucket_size, n_hashes=n_hashes, causal=causal,
-                         key_padding_mask=key_padding_mask, rotations=rotations, backend=backend)
-
-
-def _default_n_buckets(n: int, bucket_size: int) -> NBuckets:
-    try:
-        from reformer.kernels import default_n_buckets
-    except ImportError:  # TEMP until the kernels export it
-        from reformer.kernels.lsh_common import default_n_buckets
-    return default_n_buckets(n, bucket_size)
+    return lsh_attention(qk, v, bucket_size=bucket_size, n_hashes=n_hashes, causal=causal, causal_mode=causal_mode,
+                         n_buckets=n_buckets, key_padding_mask=key_padding_mask, rotations=rotations, seed=seed,
+                         backend=backend)
 
 
 def draw_rotations(heads: int, head_dim: int, n_hashes: int, n_buckets: NBuckets, *, seed: Optional[int],
@@ -222,7 +198,7 @@ class _SharedQKAttention(nn.Module):
         if want_weights and n > MAX_DENSE_LEN:
             raise ValueError(f"need_weights=True forms a dense (B, H, N, N) matrix and is limited to "
                              f"N <= {MAX_DENSE_LEN}, got N={n}")
-        n_buckets = _default_n_buckets(n, self.bucket_size) if self.n_buckets is None else self.n_buckets
+        n_buckets = default_n_buckets(n, self.bucket_size) if self.n_buckets is None else self.n_buckets
         rotations = draw_rotations(self.n_heads, self.head_dim, self.n_hashes, n_buckets,
                                    seed=None if self.training else self.seed, device=qk.device)
         out = _lsh(qk, v, bucket_size=self.bucket_size, n_hashes=self.n_hashes, causal=causal,
