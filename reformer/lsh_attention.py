@@ -21,7 +21,6 @@ the attention probabilities, which LSH attention never materialises.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -33,7 +32,7 @@ from reformer.kernels import default_n_buckets, lsh_attention, lsh_buckets
 
 from ._validation import check_dropout, check_features, check_heads, check_positive, check_seed
 from .config import CAUSAL_MODES, check_n_buckets
-from .generation import SELF_LOGIT, LSHCache, NBuckets, lsh_decode_attention
+from .generation import LSHCache, NBuckets, lsh_decode_attention
 from .recorder import MAX_DENSE_LEN
 
 
@@ -112,9 +111,9 @@ def lsh_attention_weights(qk: Tensor, *, bucket_size: int, n_hashes: int, n_buck
     For inspection and small N: ``weights @ v`` is the output of ``reformer.kernels.lsh_attention``
     with the same arguments. Row i gives, per key j, the softmax weight of one softmax over the
     concatenation of every round's key set (a key found in k rounds counts k times, so its
-    weight is k times larger), keys ``qk`` normalised to unit norm, logits ``q.k / sqrt(D)``, the
-    own position with logit -1e5 in every round (so it carries weight only when nothing else is
-    permitted). Padded rows are zero. qk: ``(B, H, N, D)``; rotations as for ``lsh_buckets``.
+    weight is k times larger), keys ``qk`` normalised to unit norm, logits ``q.k / sqrt(D)``; the
+    own position is no key, and a position with no key in any round gets weight 1 on itself
+    (the self rule). Padded rows are zero. qk: ``(B, H, N, D)``; rotations as for ``lsh_buckets``.
     Memory ``O(B H N^2)``. Returns float32 (float64 for float64 qk).
     """
     b, h, n, d = qk.shape
@@ -128,11 +127,11 @@ def lsh_attention_weights(qk: Tensor, *, bucket_size: int, n_hashes: int, n_buck
     x = qk.to(compute)
     keys = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
     logits = torch.matmul(x, keys.transpose(-1, -2)) * d**-0.5 + count.log()  # -inf where never permitted
-    logits.diagonal(dim1=-2, dim2=-1).fill_(SELF_LOGIT + math.log(n_hashes))
     if key_padding_mask is not None:
         logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-        logits = logits.masked_fill(key_padding_mask[:, None, :, None], 0.0)
-    weights = torch.softmax(logits, dim=-1)
+    alone = torch.isinf(logits).all(dim=-1, keepdim=True)  # no key in any round: the self rule
+    weights = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+    weights = weights + alone * torch.eye(n, dtype=compute, device=qk.device)
     if key_padding_mask is not None:
         weights = weights.masked_fill(key_padding_mask[:, None, :, None], 0.0)
     return weights
