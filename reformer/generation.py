@@ -120,6 +120,14 @@ class LSHCache(_Buffers):
     def buckets(self) -> Tensor:
         return self._read("buckets", 3)
 
+    def select(self, name: str, positions: Tensor) -> Tensor:
+        """Rows of ``qk`` or ``v`` at ``positions (B, H, M)`` (each in ``[0, length)``): ``(B, H, M, D)``.
+        One ``index_select`` on the flat buffer (several times faster than ``gather`` on CPU)."""
+        data = self._data[name]  # (B, H, capacity, D), contiguous
+        b, h, capacity, d = data.shape
+        offsets = torch.arange(b * h, device=positions.device).view(b, h, 1) * capacity
+        return data.view(-1, d).index_select(0, (positions + offsets).reshape(-1)).view(*positions.shape, d)
+
 
 LayerCache = Union[KVCache, LSHCache]
 
@@ -164,13 +172,13 @@ def lsh_decode_attention(qk: Tensor, v: Tensor, buckets: Tensor, cache: LSHCache
     position = torch.arange(t, device=qk.device)
     match = torch.where(cache.buckets == buckets, position, -1)  # (B, H, R, t): matching positions
     found = match.topk(k_per_round, dim=-1, sorted=False).values.flatten(2)  # (B, H, R*k), -1 = none
-    index = found.clamp_min(0).unsqueeze(-1).expand(-1, -1, -1, d)
-    keys = cache.qk.gather(2, index).to(compute)  # (B, H, R*k, D)
+    index = found.clamp_min(0)
+    keys = cache.select("qk", index).to(compute)  # (B, H, R*k, D)
     keys = keys / keys.norm(dim=-1, keepdim=True).clamp_min(1e-6)
     logits = torch.matmul(qk.to(compute), keys.transpose(-1, -2)).mul_(d**-0.5)  # (B, H, 1, R*k)
     missing = (found < 0).unsqueeze(2)
     weights = torch.softmax(logits.masked_fill_(missing, float("-inf")), dim=-1).nan_to_num_(0.0)
-    out = torch.matmul(weights, cache.v.gather(2, index).to(compute)).to(qk.dtype)  # (B, H, 1, D)
+    out = torch.matmul(weights, cache.select("v", index).to(compute)).to(qk.dtype)  # (B, H, 1, D)
     alone = missing.all(dim=-1, keepdim=True)  # (B, H, 1, 1): no key in any round
     cache.append(qk, v, buckets)
     return torch.where(alone, v, out)
