@@ -268,3 +268,16 @@ def test_generate_benchmark_quick_smoke(tmp_path, capsys):
     assert "cached" in out and "uncached" in out and "speedup" in out
     with pytest.raises(SystemExit):
         main(["--quick", "--new-tokens", "0"])
+
+
+def test_chunk_mode_generates_uncached_with_plain_forwards():
+    torch.manual_seed(0)
+    model = ReformerLM(ReformerConfig(**TINY, attention="lsh", causal_mode="chunk", seed=4)).double()
+    assert not model.supports_cache()
+    prompt = torch.randint(0, 32, (2, 7))
+    out = model.generate(prompt, 5, do_sample=False)  # use_cache=True falls back to full forwards
+    tokens = prompt
+    with torch.no_grad():
+        for _ in range(5):
+            tokens = torch.cat([tokens, model(tokens)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, tokens)
