@@ -197,7 +197,11 @@ BAD_CONFIGS = [
     (dict(n_hashes=0), ValueError, "n_hashes"),
     (dict(depth=0), ValueError, "depth"),
     (dict(vocab_size=-1), ValueError, "vocab_size"),
-    (dict(max_seq_len=1.5), ValueError, "max_seq_len"),
+    (dict(max_seq_len=1.5), TypeError, "max_seq_len must be a positive int"),
+    (dict(n_buckets=7), ValueError, "n_buckets entries must be even"),
+    (dict(n_buckets=(4, 4, 4)), ValueError, "pair"),
+    (dict(n_buckets="8"), TypeError, "n_buckets must be an even int"),
+    (dict(causal_mode="window"), ValueError, "causal_mode must be one of"),
     (dict(dropout=1.0), ValueError, "dropout"),
     (dict(dropout="0.1"), TypeError, "dropout"),
     (dict(reversible="yes"), TypeError, "reversible must be a bool"),
@@ -244,7 +248,7 @@ def test_bad_model_inputs_raise():
     with pytest.raises(ValueError, match="at least 2 positions"):
         model.loss(torch.zeros(2, 1, dtype=torch.long))
     prompt = torch.zeros(1, 3, dtype=torch.long)
-    for kwargs, message in [(dict(max_new_tokens=-1), "max_new_tokens"), (dict(temperature=0.0), "temperature"),
+    for kwargs, message in [(dict(max_new_tokens=-1), "max_new_tokens"), (dict(temperature=-1.0), "temperature"), (dict(temperature=float("nan")), "temperature"),
                             (dict(top_k=0), "top_k"), (dict(generator=3), "generator"),
                             (dict(max_new_tokens=1.5), "max_new_tokens must be a non-negative int"),
                             (dict(top_k=True), "top_k must be a positive int")]:
