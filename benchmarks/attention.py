@@ -176,9 +176,9 @@ PROVIDERS: dict[str, Provider] = {
                            requires("triton", "reformer.kernels:lsh_attention", "reformer.kernels.triton_lsh"),
                            needs_cuda=True),
     "reformer-pytorch": Provider("reformer-pytorch", _build_reformer_pytorch, _peer_bytes, lsh_flops,
-                                 requires("reformer_pytorch:LSHAttention"), gflops=30),
+                                 requires("reformer_pytorch:LSHAttention"), gflops=3),
     "hf-reformer": Provider("hf-reformer", _build_hf_reformer, _peer_bytes, lsh_flops,
-                            requires("transformers.models.reformer.modeling_reformer:LSHSelfAttention"), gflops=20),
+                            requires("transformers.models.reformer.modeling_reformer:LSHSelfAttention"), gflops=10),
 }
 
 

@@ -99,6 +99,17 @@ def test_installed_reformer_train_runs_three_steps(venv):
     assert any('"step": 3' in line for line in log), log
 
 
+def test_installed_benchmark_cli_runs_a_case(venv):
+    """reformer-bench's worker processes import the installed reformer_bench package."""
+    out = venv.parent / "bench"
+    proc = _run([str(venv / "bin" / "reformer-bench"), "attention", "--lengths", "64", "--heads", "1",
+                 "--n-hashes", "1", "--bucket-size", "16", "--repeats", "1", "--providers", "lsh-torch",
+                 "--device", "cpu", "--no-plots", "--out", str(out)], cwd=venv.parent, timeout=300)
+    records = __import__("json").loads((out / "results.json").read_text())["records"]
+    assert [r["status"] for r in records] == ["ok"], records
+    assert "plan: estimated duration" in proc.stdout
+
+
 def test_triton_extra_installs_and_its_kernel_runs(venv):
     """``pip install ".[triton]"`` brings a Triton that the kernels work with (interpreted on CPU)."""
     python = str(venv / "bin" / "python")
