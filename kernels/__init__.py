@@ -1,7 +1,10 @@
 """Functional ops (``reformer.kernels``): pure-PyTorch references and Triton kernels.
 
-This package never imports from the ``reformer`` modules; they import from it.
+This package never imports from the ``reformer`` modules; they import from it. The LSH
+attention semantics are documented in docs/lsh.md.
 """
 from .api import full_attention, lsh_attention, lsh_buckets, resolve_backend, triton_available
+from .hashing import default_n_buckets
 
-__all__ = ["full_attention", "lsh_attention", "lsh_buckets", "resolve_backend", "triton_available"]
+__all__ = ["default_n_buckets", "full_attention", "lsh_attention", "lsh_buckets", "resolve_backend",
+           "triton_available"]

@@ -97,8 +97,10 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 
 def check_positive_int(name: str, value: object) -> int:
-    """``value`` is an int >= 1 (bools rejected)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    """``value`` is an int >= 1: a non-int (bools included) is a ``TypeError``, a value < 1 a ``ValueError``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a positive int, got {value!r} ({type(value).__name__})")
+    if value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
 
@@ -115,21 +117,19 @@ def check_lsh_inputs(qk: Tensor, v: Tensor) -> None:
 
 
 def check_rotations(rotations: object, heads: int, dim: int, n_hashes: int, qk: Tensor,
-                    n_buckets: Optional[int] = None) -> Tensor:
-    """``rotations`` is a floating ``(H, D, n_hashes, n_buckets // 2)`` tensor on ``qk``'s device
-    (any last dim >= 1 when ``n_buckets`` is None)."""
+                    width: Optional[int] = None) -> Tensor:
+    """``rotations`` is a floating ``(H, D, n_hashes, W)`` tensor on ``qk``'s device, with
+    ``W = width`` when given (``n_buckets/2`` plain, ``n1/2 + n2/2`` factorised), any ``W >= 1``
+    otherwise."""
+    layout = "(H, D, n_hashes, W) with W = n_buckets/2 (plain) or n1/2 + n2/2 (factorised)"
     if not isinstance(rotations, Tensor):
-        raise TypeError(
-            f"rotations must be a tensor of shape (H, D, n_hashes, n_buckets/2), got {type(rotations).__name__}"
-        )
+        raise TypeError(f"rotations must be a tensor of shape {layout}, got {type(rotations).__name__}")
     if not rotations.is_floating_point():
         raise TypeError(f"rotations must be floating point, got {rotations.dtype}")
-    half = n_buckets // 2 if n_buckets is not None else (rotations.shape[-1] if rotations.dim() == 4 else "n_buckets/2")
-    expected = (heads, dim, n_hashes, half)
+    w = width if width is not None else (rotations.shape[-1] if rotations.dim() == 4 else "W")
+    expected = (heads, dim, n_hashes, w)
     if tuple(rotations.shape) != expected or rotations.shape[3] < 1:
-        raise ValueError(
-            f"rotations must have shape (H, D, n_hashes, n_buckets/2) = {expected}, got {tuple(rotations.shape)}"
-        )
+        raise ValueError(f"rotations must have shape {layout} = {expected}, got {tuple(rotations.shape)}")
     if rotations.device != qk.device:
         raise ValueError(f"rotations must be on qk's device {qk.device}, got {rotations.device}")
     return rotations

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from types import ModuleType
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
@@ -25,23 +24,22 @@ from ._checks import (
     check_rotations,
     check_tensor,
 )
-from .lsh_common import default_n_buckets, hash_buckets, lsh_attention_rounds, make_rotations
+from .hashing import (
+    NBuckets,
+    check_n_buckets,
+    default_n_buckets,
+    hash_buckets,
+    make_rotations,
+    rotation_width,
+)
+from .limits import TRITON_DTYPES, TRITON_HEAD_DIMS, triton_supports  # noqa: F401  (re-exported)
+from .lsh_function import CAUSAL_MODES, LSHCore, SortedCoreAdapter, lsh_attention_rounds
 from .ref_full import full_attention_torch
 
 
 def triton_available() -> bool:
     """True when the ``triton`` package can be imported."""
     return importlib.util.find_spec("triton") is not None
-
-
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-TRITON_HEAD_DIMS = (16, 128)  # inclusive range of head dims the Triton kernels take
-
-
-def triton_supports(dtype: torch.dtype, *head_dims: int) -> bool:
-    """True when the Triton kernels take this dtype and these head dims."""
-    lo, hi = TRITON_HEAD_DIMS
-    return dtype in TRITON_DTYPES and all(lo <= d <= hi for d in head_dims)
 
 
 def resolve_backend(backend: str, x: Tensor, *, triton_ok: bool = True) -> str:
@@ -77,7 +75,9 @@ def full_attention(
     Args:
         q: ``(B, H, Nq, D)`` queries. k: ``(B, H, Nk, D)`` keys. v: ``(B, H, Nk, Dv)`` values.
         causal: query i attends only to keys j <= i.
-        key_padding_mask: ``(B, Nk)`` bool, True = padding (that key is ignored).
+        key_padding_mask: ``(B, Nk)`` bool, True = padding: that key is ignored, and whatever
+            its k and v hold (NaN and Inf included) cannot affect any output or gradient (they
+            are replaced by zeros before any product; their gradients are 0).
         attn_mask: bool ``(Nq, Nk)``/``(B, H, Nq, Nk)`` (True = not allowed, as in
             ``nn.MultiheadAttention``) or a float mask added to the logits.
         dropout_p: dropout on the attention probabilities (applied whenever > 0).
@@ -95,6 +95,9 @@ def full_attention(
     attn_mask = check_attn_mask(attn_mask, b, h, nq, nk)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if key_padding_mask is not None:  # selection, not multiplication: NaN/Inf at padded keys cannot leak
+        pad = key_padding_mask[:, None, :, None]
+        k, v = k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
     triton_ok = attn_mask is None and dropout_p == 0.0 and triton_supports(q.dtype, q.shape[-1], v.shape[-1])
     if resolve_backend(backend, q, triton_ok=triton_ok) == "triton":
         from .triton_full import full_attention_triton
@@ -113,93 +116,126 @@ def lsh_attention(
     *,
     bucket_size: int = 64,
     n_hashes: int = 4,
+    n_buckets: Optional[NBuckets] = None,
     causal: bool = False,
+    causal_mode: str = "bucket",
     key_padding_mask: Optional[Tensor] = None,
     rotations: Optional[Tensor] = None,
     seed: Optional[int] = None,
     backend: str = "auto",
     return_lse: bool = False,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
-    """Shared-QK LSH attention (Reformer), O(N * bucket_size * n_hashes) time and memory.
+    """Shared-QK LSH attention (Reformer) in time and memory linear in N (semantics: docs/lsh.md).
 
     Each hash round sorts the positions by (bucket, position), cuts them into chunks of
     ``bucket_size`` and lets every chunk attend to itself and the chunk before it; rounds are
-    combined by their log-sum-exp. Semantics: DESIGN.md rules 1-7 (keys are ``qk`` normalised
-    to unit norm; a position attends to itself only when it has no other permitted key; with
-    ``bucket_size >= N`` this equals full shared-QK attention). Rounds are NOT de-duplicated: a
-    key found in k rounds is counted k times (the paper's basic scheme, as in trax and HF).
+    combined by their log-sum-exp and are NOT de-duplicated (a key found in k rounds is counted
+    k times, the paper's basic scheme, as in trax and HF). Keys are ``qk`` normalised to unit
+    norm, logits ``q.k / sqrt(D)``; a position never attends to itself, and a position with no
+    permitted key in any round outputs its own value (lse ``-1e5``, docs/lsh.md "The self rule").
+    With one bucket and ``bucket_size >= N`` this equals full shared-QK attention.
 
     Args:
         qk: ``(B, H, N, D)`` shared queries/keys. v: ``(B, H, N, D)`` values. Any N >= 1.
-        bucket_size: chunk length; ``n_buckets`` defaults to ``2 * ceil(N / bucket_size)``.
+        bucket_size: chunk length.
         n_hashes: number of hash rounds.
-        causal: position i attends only to positions <= i.
-        key_padding_mask: ``(B, N)`` bool, True = padding: ignored as a key, output 0.
-        rotations: ``(H, D, n_hashes, n_buckets // 2)`` random rotations (sets ``n_buckets``).
+        n_buckets: None (the automatic rule :func:`default_n_buckets`: plain up to 256 buckets,
+            factorised beyond; or, with ``rotations``, plain with ``2 * rotations.shape[-1]``
+            buckets), an even int >= 2 (plain hashing) or a pair ``(n1, n2)`` of even ints >= 2
+            (factorised hashing, ``n1 * n2`` buckets).
+        causal: position i attends only to positions <= i (never to a later one).
+        causal_mode: with ``causal=True``: ``"bucket"`` (default: per round a query attends to the
+            most recent ``bucket_size`` positions of its own bucket up to itself; no output
+            depends on a later token) or ``"chunk"`` (the chunked look-back restricted to
+            positions <= i; a later token's bucket can move an earlier position's chunk, so
+            earlier outputs can depend on later tokens). Ignored when ``causal=False``.
+        key_padding_mask: ``(B, N)`` bool, True = padding: such a position is no key, outputs 0
+            (lse -inf), and whatever its qk and v hold (NaN and Inf included) cannot affect any
+            other output or gradient (its gradients are 0).
+        rotations: ``(H, D, n_hashes, W)`` random rotations, ``W = n_buckets/2`` (plain) or
+            ``n1/2 + n2/2`` (factorised: the n1 columns first).
         seed: without ``rotations``, draw them from a CPU generator seeded with ``seed``;
             with neither, from the global RNG of qk's device.
         backend: ``"torch"``, ``"triton"`` or ``"auto"`` (Triton for CUDA tensors when the call
             is within the kernels' limits: float32/float16/bfloat16, head dims 16..128; the
             reference otherwise).
         return_lse: also return the per-position log-sum-exp ``(B, H, N)`` of the combined
-            softmax (float32, float64 for float64 inputs; -inf at padded positions).
+            softmax (float32, float64 for float64 inputs; -inf at padded positions, ``-1e5``
+            with gradient 0 at positions with no permitted key).
 
     Returns:
-        ``(B, H, N, D)`` in qk's dtype (and the lse when ``return_lse``). Rows with no
-        permitted key (padded positions) are 0, never NaN.
+        ``(B, H, N, D)`` in qk's dtype (and the lse when ``return_lse``). Padded positions are 0,
+        never NaN.
     """
     check_lsh_inputs(qk, v)
     b, _, n, _ = qk.shape
     bucket_size = check_positive_int("bucket_size", bucket_size)
     n_hashes = check_positive_int("n_hashes", n_hashes)
+    if not isinstance(causal_mode, str) or causal_mode not in CAUSAL_MODES:
+        raise ValueError(f"causal_mode must be one of {CAUSAL_MODES}, got {causal_mode!r}")
     key_padding_mask = check_key_padding_mask(key_padding_mask, b, n, qk.device)
-    rotations = _lsh_rotations(qk, rotations, seed, bucket_size, n_hashes)
+    rotations, n_buckets = _lsh_rotations(qk, rotations, seed, bucket_size, n_hashes, n_buckets)
+    backend = resolve_backend(backend, qk, triton_ok=triton_supports(qk.dtype, qk.shape[-1]))
     if qk.numel() == 0:  # an empty batch or no heads: nothing to hash
         out, lse = torch.zeros_like(v), qk.new_full(qk.shape[:3], float("-inf"), dtype=torch.float32)
         return (out, lse) if return_lse else out
+    if key_padding_mask is not None:  # selection, not multiplication: NaN/Inf at padding cannot leak
+        pad = key_padding_mask[:, None, :, None]
+        qk, v = qk.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
     out, lse = lsh_attention_rounds(
-        qk, v, core=_lsh_core(resolve_backend(backend, qk, triton_ok=triton_supports(qk.dtype, qk.shape[-1]))),
-        bucket_size=bucket_size, causal=bool(causal), key_padding_mask=key_padding_mask, rotations=rotations,
+        qk, v, core=_lsh_core(backend), bucket_size=bucket_size, causal=bool(causal), causal_mode=causal_mode,
+        key_padding_mask=key_padding_mask, rotations=rotations, n_buckets=n_buckets,
     )
     return (out, lse) if return_lse else out
 
 
 def _lsh_rotations(qk: Tensor, rotations: Optional[Tensor], seed: Optional[int], bucket_size: int,
-                   n_hashes: int) -> Tensor:
-    """The given ``rotations`` (checked), or new ones from ``seed`` / the global RNG (rule 2)."""
+                   n_hashes: int, n_buckets: Any) -> tuple[Tensor, NBuckets]:
+    """The given ``rotations`` (checked) or new ones from ``seed`` / the global RNG, and the
+    resolved ``n_buckets`` (docs/lsh.md, "Hashing")."""
     _, h, n, d = qk.shape
+    if n_buckets is not None:
+        n_buckets = check_n_buckets(n_buckets)
     if rotations is not None:
         if seed is not None:
             raise ValueError("give either rotations or seed, not both")
-        return check_rotations(rotations, h, d, n_hashes, qk)
+        width = None if n_buckets is None else rotation_width(n_buckets)
+        rotations = check_rotations(rotations, h, d, n_hashes, qk, width)
+        return rotations, (2 * rotations.shape[-1] if n_buckets is None else n_buckets)
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise TypeError(f"seed must be an int or None, got {seed!r}")
-    return make_rotations(h, d, n_hashes, default_n_buckets(n, bucket_size), seed=seed, device=qk.device)
+    if n_buckets is None:
+        n_buckets = default_n_buckets(n, bucket_size)
+    return make_rotations(h, d, n_hashes, n_buckets, seed=seed, device=qk.device), n_buckets
 
 
-def lsh_buckets(qk: Tensor, *, n_buckets: int, n_hashes: int, rotations: Tensor) -> Tensor:
-    """LSH bucket of every position, head and round: ``argmax([x R ; -x R])`` with
-    ``R = rotations[h, :, r]`` (ties go to the lowest index).
+def lsh_buckets(qk: Tensor, *, n_buckets: NBuckets, n_hashes: int, rotations: Tensor) -> Tensor:
+    """LSH bucket of every position, head and round (docs/lsh.md, "Hashing").
 
-    qk: ``(B, H, N, D)``; rotations: ``(H, D, n_hashes, n_buckets // 2)``; n_buckets even >= 2.
-    Returns a LongTensor ``(B, H, n_hashes, N)`` with values in ``[0, n_buckets)``. Computed in
-    float32 for float16/bfloat16 inputs.
+    Plain (``n_buckets`` an even int >= 2): ``argmax([x R ; -x R])`` with
+    ``R = rotations[h, :, r]`` of width ``n_buckets/2`` (ties go to the lowest index).
+    Factorised (``n_buckets = (n1, n2)``, each even >= 2): ``R = [R1 | R2]`` of widths ``n1/2``
+    and ``n2/2``, ``b_i = argmax([x R_i ; -x R_i])`` and bucket ``b1 * n2 + b2``.
+
+    qk: ``(B, H, N, D)``; rotations: ``(H, D, n_hashes, W)`` with ``W = n_buckets/2`` or
+    ``n1/2 + n2/2``. Returns a LongTensor ``(B, H, n_hashes, N)`` with values in
+    ``[0, n_buckets)`` (``[0, n1 * n2)``). Computed in float32 for float16/bfloat16 inputs.
     """
     check_tensor("qk", qk, 4, "(B, H, N, D)")
     n_hashes = check_positive_int("n_hashes", n_hashes)
-    if check_positive_int("n_buckets", n_buckets) % 2:
-        raise ValueError(f"n_buckets must be even (buckets come in +/- pairs), got {n_buckets}")
+    n_buckets = check_n_buckets(n_buckets)
     _, h, _, d = qk.shape
-    rotations = check_rotations(rotations, h, d, n_hashes, qk, n_buckets=n_buckets)
-    return hash_buckets(qk, rotations)
+    rotations = check_rotations(rotations, h, d, n_hashes, qk, rotation_width(n_buckets))
+    return hash_buckets(qk, rotations, n_buckets)
 
 
-def _lsh_core(backend: str) -> ModuleType:
-    """The module providing the per-round ``fwd``/``bwd`` core for a resolved backend."""
+def _lsh_core(backend: str) -> LSHCore:
+    """The round-level core (:class:`~reformer.kernels.lsh_function.LSHCore`) for a resolved
+    backend: the generic adapter around the backend's sorted per-round core module."""
     if backend == "triton":
         from . import triton_lsh
 
-        return triton_lsh
+        return SortedCoreAdapter(triton_lsh)
     from . import ref_lsh
 
-    return ref_lsh
+    return SortedCoreAdapter(ref_lsh)

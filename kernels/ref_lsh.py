@@ -1,158 +1,226 @@
-"""Pure-PyTorch core of shared-QK LSH attention: one sorted hash round (any device, any float dtype).
+"""Pure-PyTorch sorted core of shared-QK LSH attention: one hash round (any device, any float dtype).
 
-The rows of one round are already sorted by (bucket, position) and padded to ``Np``, a multiple
-of ``bucket_size``. Chunk c (rows ``c*bs .. c*bs+bs-1``) attends to the keys of chunk c and of
-chunk c-1; chunk 0 looks back to the last chunk (wrap-around); a single chunk attends to itself
-once. Keys are ``qk / max(||qk||, KEY_EPS)``, logits ``q.k * scale``; key j is not permitted for
-query i when ``pos_j == -1`` or (causal) ``pos_j > pos_i``; a query's own position gets the logit
-``SELF_LOGIT``; a padding query (``pos_i == -1``) gets out 0 and lse -inf.
+This module implements the *sorted per-round core* of docs/lsh.md ("The core seam"):
 
-Chunks are processed in slabs holding about ``SLAB_LOGITS_BYTES`` of logits each: every slab
-is one batched matmul over all groups and many chunks, and the slab bound keeps the working
-memory independent of N. Logits are float32 for float16/bfloat16 inputs (float64 for float64).
+``fwd(qk, v, pos, bkt, *, bucket_size, causal, causal_mode, scale) -> (out, lse)`` and
+``bwd(qk, v, pos, bkt, do, lse, delta, *, bucket_size, causal, causal_mode, scale) -> (dqk, dv)``.
+
+qk, v, do are ``(G, Np, D)`` rows already sorted by (bucket, position) and padded to ``Np``, a
+multiple of ``bucket_size``; pos ``(G, Np)`` int32 original positions (-1 = padding); bkt
+``(G, Np)`` int32 bucket id per sorted slot. Keys are ``qk / max(||qk||, KEY_EPS)``, logits
+``q.k * scale``. Permitted keys of query slot i (the own position never is):
+
+- chunk mode (``causal=False``, or ``causal_mode="chunk"``): the slots of i's chunk
+  (``bucket_size`` consecutive slots) and of the chunk before it (chunk 0 looks back at the last
+  chunk; a single chunk attends to itself once); not padding; when causal, ``pos_j <= pos_i``;
+- bucket mode (``causal=True, causal_mode="bucket"``): slots j with ``bkt_j == bkt_i``,
+  ``i - bucket_size < j < i`` and ``pos_j != -1`` (no wrap-around).
+
+A row with no permitted key (padding rows, a position alone in its window) gets out 0 and
+lse -inf. The window of chunk c is the ``2 * bucket_size`` slots of chunks c-1 and c; chunks
+are processed in slabs (one batched matmul each, windows are strided views, not copies)
+holding about ``SLAB_LOGITS_BYTES`` of logits, so the working memory is independent of N.
+Logits are float32 for float16/bfloat16 inputs (float64 for float64).
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
 
-from .lsh_common import KEY_EPS, SELF_LOGIT, compute_dtype
+from .hashing import KEY_EPS, compute_dtype
 
-SLAB_LOGITS_BYTES = 1 * 2**20
+SLAB_LOGITS_BYTES = 8 * 2**20
+NEG_INF = float("-inf")
+
+
+def key_norms(x: Tensor) -> Tensor:
+    """``||x||_2`` over the last dim, without overflow for large finite rows (``x`` in its compute
+    dtype): rows whose plain norm overflows are rescaled by their largest entry first."""
+    norm = torch.linalg.vector_norm(x, dim=-1)
+    big = torch.isinf(norm)
+    if bool(big.any()):
+        rows = x[big]
+        top = rows.abs().amax(dim=-1, keepdim=True)
+        norm[big] = top.squeeze(-1) * torch.linalg.vector_norm(rows / top, dim=-1)
+    return norm
 
 
 class _Round:
-    """One sorted round cut into chunks, with the look-back pairs of each chunk.
+    """One sorted round: normalised keys and the chunk slabs.
 
-    qk, v: ``(G, Np, D)``; pos: ``(G, Np)`` int32. ``pairs[c]`` lists the chunks chunk c
-    attends to: ``[c, c-1 mod C]``, or ``[0]`` when there is a single chunk.
+    Window of chunk c (``K = 2 * bs`` slots): chunk c-1 then chunk c. Chunk 0's window is built
+    separately (its look-back is the last chunk, or nothing in bucket mode); chunks 1.. are
+    strided views of the sorted rows. With a single chunk in chunk mode the window is the chunk
+    itself (``K = bs``).
     """
 
-    def __init__(self, qk: Tensor, v: Tensor, pos: Tensor, bucket_size: int, causal: bool, scale: float):
+    def __init__(self, qk: Tensor, v: Tensor, pos: Tensor, bkt: Tensor, bucket_size: int, causal: bool,
+                 causal_mode: str, scale: float):
         g, n_pad, d = qk.shape
-        self.causal, self.scale, self.padded = causal, scale, bool((pos < 0).any())
-        self.bs, self.n_chunks, self.dtype = bucket_size, n_pad // bucket_size, compute_dtype(qk.dtype)
-        self.qk = qk.view(g, self.n_chunks, bucket_size, d)  # (G, C, bs, D)
-        self.v = v.view(g, self.n_chunks, bucket_size, d)
-        self.pos = pos.view(g, self.n_chunks, bucket_size)  # (G, C, bs)
-        norm = qk.to(self.dtype).norm(dim=-1).view(g, self.n_chunks, bucket_size)
-        self.norm_ok = norm > KEY_EPS  # (G, C, bs): keys not clamped by KEY_EPS
+        self.g, self.n_pad, self.d, self.bs = g, n_pad, d, bucket_size
+        self.n_chunks = n_pad // bucket_size
+        self.dtype = compute_dtype(qk.dtype)
+        self.causal, self.bucket_mode = causal, causal and causal_mode == "bucket"
+        self.scale = scale
+        self.x = qk.to(self.dtype).contiguous()  # raw queries
+        self.v = v.to(self.dtype).contiguous()
+        self.pos = pos.contiguous()
+        self.bkt = bkt.to(torch.int32).contiguous()
+        norm = key_norms(self.x)
+        self.norm_ok = norm > KEY_EPS  # keys not clamped by KEY_EPS
         self.inv_norm = 1.0 / norm.clamp_min(KEY_EPS)
-        chunk = torch.arange(self.n_chunks, device=qk.device)
-        self.pairs = chunk[:, None] if self.n_chunks == 1 else torch.stack([chunk, (chunk - 1) % self.n_chunks], 1)
+        self.k = self.x * self.inv_norm.unsqueeze(-1)  # normalised keys (G, Np, D)
+        self.single = self.n_chunks == 1 and not self.bucket_mode
+        self.window = bucket_size if self.single else 2 * bucket_size
+        if self.bucket_mode:
+            a = torch.arange(bucket_size, device=qk.device)[:, None]
+            b = torch.arange(2 * bucket_size, device=qk.device)[None, :]
+            self.band_out = (b <= a) | (b >= a + bucket_size)  # (bs, 2bs): outside i - bs < j < i
 
-    def slabs(self) -> Iterator[slice]:
-        """Chunk ranges holding about ``SLAB_LOGITS_BYTES`` of logits each."""
-        g = self.qk.shape[0]
-        per_chunk = g * self.bs * self.bs * self.pairs.shape[1] * torch.finfo(self.dtype).bits // 8
+    # --- slabs -------------------------------------------------------------------------------
+    def slabs(self) -> Iterator[tuple[slice, int, int]]:
+        """``(groups, c0, c1)``: chunk 0 of every group first (``c0 = 0, c1 = 1``), then chunks
+        ``1..C-1`` in slabs of about ``SLAB_LOGITS_BYTES`` of logits (several whole groups per
+        slab when a group has few chunks)."""
+        yield slice(0, self.g), 0, 1
+        rest = self.n_chunks - 1
+        if rest == 0:
+            return
+        per_chunk = self.bs * self.window * torch.finfo(self.dtype).bits // 8
         step = max(1, SLAB_LOGITS_BYTES // per_chunk)
-        return (slice(c, c + step) for c in range(0, self.n_chunks, step))
+        if step >= rest:
+            groups = max(1, step // rest)
+            for g0 in range(0, self.g, groups):
+                yield slice(g0, min(self.g, g0 + groups)), 1, self.n_chunks
+        else:
+            for g0 in range(self.g):
+                for c0 in range(1, self.n_chunks, step):
+                    yield slice(g0, g0 + 1), c0, min(self.n_chunks, c0 + step)
 
-    def chunked(self, x: Tensor) -> Tensor:
-        """A view ``(G, C, bs, ...)`` of per-row ``x (G, Np, ...)``."""
-        return x.view(*self.qk.shape[:3], *x.shape[2:])
+    def rows(self, x: Tensor, gs: slice, c0: int, c1: int) -> Tensor:
+        """Rows of chunks ``c0..c1-1`` of groups ``gs`` of a per-slot tensor ``(G, Np, ...)``:
+        ``(g, n, bs, ...)``."""
+        y = x[gs, c0 * self.bs:c1 * self.bs]
+        return y.reshape(y.shape[0], c1 - c0, self.bs, *x.shape[2:])
 
-    def queries(self, sl: slice, x: Tensor) -> Tensor:
-        """Rows of chunks ``sl`` of ``x (G, Np, D)``: ``(G, n, bs, D)`` in compute dtype."""
-        return self.chunked(x)[:, sl].to(self.dtype)
+    def windows(self, x: Tensor, gs: slice, c0: int, c1: int, fill: Optional[float] = None) -> Tensor:
+        """Key-side windows ``(g, n, K, ...)`` of a per-slot tensor ``x (G, Np, ...)``.
 
-    def keys(self, sl: slice) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Normalised keys, values ``(G, n, K, D)``, key positions ``(G, n, K)`` and the pair
-        index ``(n*P,)`` of chunks ``sl``, K = P * bs keys per chunk (P = 2, or 1 if C == 1)."""
-        pairs = self.pairs[sl].reshape(-1)
-        g, n = self.qk.shape[0], pairs.numel()
-        k = self.qk[:, pairs].to(self.dtype).mul_(self.inv_norm[:, pairs].unsqueeze(-1))
-        v = self.v[:, pairs].to(self.dtype)
-        m = self.pairs.shape[1]
-        return (k.view(g, n // m, m * self.bs, -1), v.view(g, n // m, m * self.bs, -1),
-                self.pos[:, pairs].reshape(g, n // m, m * self.bs), pairs)
+        Chunks >= 1: strided (overlapping) views. Chunk 0: the last chunk (``fill`` in bucket
+        mode, where chunk 0 has no look-back) followed by chunk 0; or chunk 0 alone if single."""
+        bs = self.bs
+        if c0 == 0:
+            first = x[gs, :bs]
+            if self.single:
+                return first.unsqueeze(1)
+            prev = x[gs, -bs:] if fill is None or not self.bucket_mode else torch.full_like(first, fill)
+            return torch.cat([prev, first], dim=1).unsqueeze(1)
+        tail = x.shape[2:]
+        inner = 1
+        for t in tail:
+            inner *= t
+        base = x[gs]
+        return base.as_strided(
+            (base.shape[0], c1 - c0, 2 * bs, *tail),
+            (x.stride(0), bs * inner, *([inner] if tail else [1]), *x.stride()[2:]),
+            base.storage_offset() + (c0 - 1) * bs * inner,
+        )
 
-    def logits(self, sl: slice, q: Tensor, k: Tensor, pos_k: Tensor) -> Tensor:
-        """Masked logits ``(G, n, bs, K)`` of the queries ``(G, n, bs, D)`` of chunks ``sl``
-        against their keys ``(G, n, K, D)`` at positions ``pos_k (G, n, K)``."""
-        s = torch.matmul(q, k.transpose(-1, -2)).mul_(self.scale)
-        _self_logits(s).fill_(SELF_LOGIT)
-        pos_q, pos_k = self.pos[:, sl].unsqueeze(-1), pos_k.unsqueeze(-2)
+    def logits(self, q: Tensor, k: Tensor, gs: slice, c0: int, c1: int) -> Tensor:
+        """Masked logits ``(g, n, bs, K)`` of the slab's queries ``q (g, n, bs, D)`` against its key
+        windows ``k (g, n, K, D)``: every non-permitted pair (own position included) is -inf."""
+        s = _matmul(q, k.transpose(-1, -2)).mul_(self.scale)
+        pos_q = self.rows(self.pos, gs, c0, c1).unsqueeze(-1)  # (g, n, bs, 1)
+        pos_k = self.windows(self.pos, gs, c0, c1, fill=-1).unsqueeze(-2)  # (g, n, 1, K)
+        if self.bucket_mode:
+            bkt_q = self.rows(self.bkt, gs, c0, c1).unsqueeze(-1)
+            bkt_k = self.windows(self.bkt, gs, c0, c1, fill=-1).unsqueeze(-2)
+            bad = (bkt_k != bkt_q) | self.band_out | (pos_k < 0) | (pos_q < 0)
+            return s.masked_fill_(bad, NEG_INF)
+        s.diagonal(self.window - self.bs, -2, -1).fill_(NEG_INF)  # own position: last block's diagonal
         if self.causal:
-            s.masked_fill_(pos_k > pos_q, float("-inf"))
-        if self.padded:
-            s.masked_fill_(pos_k < 0, float("-inf")).masked_fill_(pos_q < 0, float("-inf"))
+            s.masked_fill_(pos_k > pos_q, NEG_INF)
+        if bool((pos_q < 0).any()) or bool((pos_k < 0).any()):
+            s.masked_fill_((pos_k < 0) | (pos_q < 0), NEG_INF)
         return s
 
+    def add_windows(self, acc: Tensor, src: Tensor, gs: slice, c0: int, c1: int) -> None:
+        """Add key-side window gradients ``src (g, n, K, D)`` back into per-slot ``acc (G, Np, D)``."""
+        bs = self.bs
+        if c0 == 0:
+            if self.single:
+                acc[gs, :bs] += src[:, 0]
+                return
+            acc[gs, :bs] += src[:, 0, bs:]
+            if not self.bucket_mode:  # bucket mode: chunk 0's look-back half is empty
+                acc[gs, -bs:] += src[:, 0, :bs]
+            return
+        g = src.shape[0]
+        acc[gs, c0 * bs:c1 * bs] += src[:, :, bs:].reshape(g, -1, self.d)
+        acc[gs, (c0 - 1) * bs:(c1 - 1) * bs] += src[:, :, :bs].reshape(g, -1, self.d)
 
-def _self_logits(s: Tensor) -> Tensor:
-    """The entries of logits ``s (G, n, bs, K)`` where a query meets its own position: the
-    diagonal of the own-chunk block (keys ``0..bs-1``); each position occurs once per round."""
-    return s[..., : s.shape[-2]].diagonal(dim1=-2, dim2=-1)
+
+def _matmul(a: Tensor, b: Tensor) -> Tensor:
+    """Batched matmul of ``(g, n, M, K)`` by ``(g, n, K, P)``; one group goes straight to ``bmm``
+    (strided window views are used in place)."""
+    if a.shape[0] == 1:
+        return torch.bmm(a[0], b[0]).unsqueeze(0)
+    return torch.matmul(a, b)
 
 
-def fwd(qk: Tensor, v: Tensor, pos: Tensor, *, bucket_size: int, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    """One round's attention on sorted rows.
+def fwd(qk: Tensor, v: Tensor, pos: Tensor, bkt: Tensor, *, bucket_size: int, causal: bool, causal_mode: str,
+        scale: float) -> tuple[Tensor, Tensor]:
+    """One round's attention on sorted rows (see the module docstring for the permitted keys).
 
-    qk, v: ``(G, Np, D)``; pos: ``(G, Np)`` int32 original positions, -1 = padding.
     Returns out ``(G, Np, D)`` (input dtype) and lse ``(G, Np)`` (float32; float64 for float64
     inputs; -inf where a row has no permitted key, and then out is 0).
     """
-    rnd = _Round(qk, v, pos, bucket_size, causal, scale)
-    out = torch.empty(qk.shape, dtype=qk.dtype, device=qk.device)
+    rnd = _Round(qk, v, pos, bkt, bucket_size, causal, causal_mode, scale)
+    out = torch.empty(qk.shape, dtype=rnd.dtype, device=qk.device)
     lse = torch.empty(qk.shape[:2], dtype=rnd.dtype, device=qk.device)
-    out_c, lse_c = rnd.chunked(out), rnd.chunked(lse)
-    for sl in rnd.slabs():
-        k, vv, pos_k, _ = rnd.keys(sl)
-        s = rnd.logits(sl, rnd.queries(sl, qk), k, pos_k)
+    for gs, c0, c1 in rnd.slabs():
+        s = rnd.logits(rnd.rows(rnd.x, gs, c0, c1), rnd.windows(rnd.k, gs, c0, c1), gs, c0, c1)
         top = s.amax(dim=-1, keepdim=True)
-        top.masked_fill_(top == float("-inf"), 0.0)
+        top.masked_fill_(top == NEG_INF, 0.0)
         p = s.sub_(top).exp_()
         total = p.sum(dim=-1, keepdim=True)
-        out_c[:, sl] = torch.matmul(p, vv).div_(total.masked_fill(total == 0, 1.0))
-        lse_c[:, sl] = (top + total.log()).squeeze(-1)
-    return out, lse
+        o = _matmul(p, rnd.windows(rnd.v, gs, c0, c1)).div_(total.masked_fill(total == 0, 1.0))
+        rnd.rows(out, gs, c0, c1).copy_(o)
+        rnd.rows(lse, gs, c0, c1).copy_(top.add_(total.log_()).squeeze(-1))
+    return out.to(qk.dtype), lse
 
 
-def bwd(qk: Tensor, v: Tensor, pos: Tensor, do: Tensor, lse: Tensor, delta: Tensor, *,
-        bucket_size: int, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    """Gradients of one round given the COMBINED (all rounds) lse and ``delta = rowsum(dO * O)``.
+def bwd(qk: Tensor, v: Tensor, pos: Tensor, bkt: Tensor, do: Tensor, lse: Tensor, delta: Tensor, *,
+        bucket_size: int, causal: bool, causal_mode: str, scale: float) -> tuple[Tensor, Tensor]:
+    """Gradients of one round given the COMBINED (all rounds) lse and ``delta`` (see docs/lsh.md,
+    "Backward": ``delta = rowsum(dO * O) - dlse``).
 
-    qk, v, do: ``(G, Np, D)``; pos: ``(G, Np)``; lse, delta: ``(G, Np)`` in this round's order.
-    With ``p = exp(s - lse)``: ``dv += p^T dO``, ``ds = p (dO v^T - delta)``, ``dq = ds k``,
-    ``dk = ds^T q``, and dk is chained through ``k = qk / max(||qk||, KEY_EPS)`` into dqk.
-    Returns dqk, dv ``(G, Np, D)`` in float32 (float64 for float64 inputs).
+    qk, v, do: ``(G, Np, D)``; pos, bkt: ``(G, Np)``; lse, delta: ``(G, Np)`` in this round's order
+    (lse -inf = no key: p = 0). With ``p = exp(s - lse)``: ``dv += p^T dO``,
+    ``ds = p (dO v^T - delta)``, ``dq = ds k``, ``dk = ds^T q``, and dk is chained through
+    ``k = qk / max(||qk||, KEY_EPS)`` into dqk. Returns dqk, dv ``(G, Np, D)`` in float32 (float64
+    for float64 inputs).
     """
-    rnd = _Round(qk, v, pos, bucket_size, causal, scale)
+    rnd = _Round(qk, v, pos, bkt, bucket_size, causal, causal_mode, scale)
     dqk = torch.zeros(qk.shape, dtype=rnd.dtype, device=qk.device)
+    dk = torch.zeros_like(dqk)  # gradient w.r.t. the normalised keys
     dv = torch.zeros_like(dqk)
-    dqk_c, dv_c = rnd.chunked(dqk), rnd.chunked(dv)
-    lse_c = rnd.chunked(lse.to(rnd.dtype))
-    lse_c = lse_c.masked_fill(lse_c == float("-inf"), 0.0)  # such rows have only -inf logits
-    delta_c = rnd.chunked(delta.to(rnd.dtype))
-    for sl in rnd.slabs():
-        k, vv, pos_k, pairs = rnd.keys(sl)
-        q, d_out = rnd.queries(sl, qk), rnd.queries(sl, do)
-        s = rnd.logits(sl, q, k, pos_k)
-        p = s.sub_(lse_c[:, sl].unsqueeze(-1)).exp_()  # (G, n, bs, K)
-        _add_pairs(dv_c, pairs, torch.matmul(p.transpose(-1, -2), d_out))
-        ds = torch.matmul(d_out, vv.transpose(-1, -2)).sub_(delta_c[:, sl].unsqueeze(-1)).mul_(p)
-        _self_logits(ds).zero_()  # the self logit is a constant
-        ds.mul_(scale)
-        dqk_c[:, sl] += torch.matmul(ds, k)
-        dk = torch.matmul(ds.transpose(-1, -2), q)  # (G, n, K, D) w.r.t. the normalised keys
-        _add_pairs(dqk_c, pairs, _normalise_backward(rnd, pairs, k, dk))
+    do = do.to(rnd.dtype)
+    lse = lse.to(rnd.dtype).masked_fill(lse == NEG_INF, 0.0)  # such rows have only -inf logits
+    delta = delta.to(rnd.dtype)
+    for gs, c0, c1 in rnd.slabs():
+        q, d_out = rnd.rows(rnd.x, gs, c0, c1), rnd.rows(do, gs, c0, c1)
+        k = rnd.windows(rnd.k, gs, c0, c1)
+        s = rnd.logits(q, k, gs, c0, c1)
+        p = s.sub_(rnd.rows(lse, gs, c0, c1).unsqueeze(-1)).exp_()  # (g, n, bs, K)
+        rnd.add_windows(dv, _matmul(p.transpose(-1, -2), d_out), gs, c0, c1)
+        ds = _matmul(d_out, rnd.windows(rnd.v, gs, c0, c1).transpose(-1, -2))
+        ds.sub_(rnd.rows(delta, gs, c0, c1).unsqueeze(-1)).mul_(p).mul_(scale)
+        rnd.rows(dqk, gs, c0, c1).add_(_matmul(ds, k))
+        rnd.add_windows(dk, _matmul(ds.transpose(-1, -2), q), gs, c0, c1)
+    # chain through k = x / max(||x||, KEY_EPS): dx = (dk - k (k.dk)) / ||x||, or dk / KEY_EPS if clamped
+    radial = torch.linalg.vecdot(rnd.k, dk).mul_(rnd.norm_ok).unsqueeze(-1)
+    dqk.add_(dk.sub_(rnd.k * radial).mul_(rnd.inv_norm.unsqueeze(-1)))
     return dqk, dv
-
-
-def _normalise_backward(rnd: _Round, pairs: Tensor, k: Tensor, dk: Tensor) -> Tensor:
-    """Chain ``dk`` through ``k = x / max(||x||, KEY_EPS)``:
-    ``dx = (dk - k (k.dk)) / ||x||``, or ``dk / KEY_EPS`` where the norm was clamped."""
-    g, n, kk, _ = k.shape
-    inv = rnd.inv_norm[:, pairs].view(g, n, kk, 1)
-    ok = rnd.norm_ok[:, pairs].view(g, n, kk, 1)
-    radial = torch.linalg.vecdot(k, dk).unsqueeze(-1).mul_(ok)
-    return dk.addcmul_(k, radial, value=-1.0).mul_(inv)
-
-
-def _add_pairs(acc: Tensor, pairs: Tensor, src: Tensor) -> None:
-    """Scatter-add per-pair key gradients ``src (G, n, K, D)`` into ``acc (G, C, bs, D)``."""
-    g, c, bs, d = acc.shape
-    acc.index_add_(1, pairs, src.reshape(g, -1, bs, d))

@@ -29,6 +29,11 @@ _EXPORTS = {
     "ReversibleSequence": "reversible",
     "ReformerConfig": "config",
     "ReformerLM": "model",
+    "ModelCache": "generation",
+    "ReformerEncDec": "encdec",
+    "EncDecConfig": "encdec",
+    "lsh_attention_weights": "lsh_attention",
+    "record_attention": "recorder",
     # tools
     "swap_attention": "swap",
     "swap_positional": "swap",

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from reformer.kernels import full_attention
 
 from ._validation import check_dropout, check_features, check_heads
+from .generation import KVCache
 
 
 class MultiHeadAttention(nn.Module):
@@ -42,25 +43,64 @@ class MultiHeadAttention(nn.Module):
         causal: bool = False,
         key_padding_mask: Optional[Tensor] = None,
         attn_mask: Optional[Tensor] = None,
+        cache: Optional[KVCache] = None,
     ) -> Tensor:
         """x: ``(B, N, d_model)`` queries; context: ``(B, M, d_model)`` keys/values (default: x).
 
         key_padding_mask: ``(B, M)`` bool, True = padding. attn_mask: bool (True = masked) or
         additive float, ``(N, M)`` or broadcastable to ``(B, H, N, M)``. Returns ``(B, N, d_model)``.
+
+        cache: a :class:`reformer.generation.KVCache` for incremental decoding. Self-attention
+        (no context): x holds the positions after the cached ones; their keys and values are
+        appended and the queries attend to every cached position (causally: to those not after
+        themselves). Cross-attention: the cache is filled from ``context`` on the first call and
+        reused afterwards (context may then be None); key_padding_mask masks the context. No
+        attn_mask with a cache.
         """
         check_features("x", x, self.d_model)
+        if cache is not None:
+            return self._cached(x, context, cache, causal, key_padding_mask, attn_mask)
         context = x if context is None else check_features("context", context, self.d_model)
         if context.shape[0] != x.shape[0]:
             raise ValueError(f"context batch {context.shape[0]} does not match x batch {x.shape[0]}")
-        q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", h=self.n_heads)
-        k = rearrange(self.k_proj(context), "b m (h d) -> b h m d", h=self.n_heads)
-        v = rearrange(self.v_proj(context), "b m (h d) -> b h m d", h=self.n_heads)
+        q = self._heads(self.q_proj(x))
+        k, v = self._heads(self.k_proj(context)), self._heads(self.v_proj(context))
+        return self._attention(q, k, v, causal, key_padding_mask, attn_mask)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        return rearrange(x, "b n (h d) -> b h n d", h=self.n_heads)  # (B, H, N, Dh)
+
+    def _attention(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, key_padding_mask: Optional[Tensor],
+                   attn_mask: Optional[Tensor]) -> Tensor:
         out = full_attention(
             q, k, v, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
             backend="torch" if (self.training and self.dropout > 0) else self.backend,
         )  # (B, H, N, Dh)
         return self.out_proj(rearrange(out, "b h n d -> b n (h d)"))
+
+    def _cached(self, x: Tensor, context: Optional[Tensor], cache: KVCache, causal: bool,
+                key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor]) -> Tensor:
+        """Attention of the new positions ``x (B, T, d)`` through ``cache`` (see ``forward``)."""
+        if attn_mask is not None:
+            raise ValueError("attn_mask cannot be combined with a cache")
+        q = self._heads(self.q_proj(x))  # (B, H, T, Dh)
+        if cache.static:  # cross-attention: keys and values of the context, computed once
+            if cache.length == 0:
+                if context is None:
+                    raise ValueError("an empty cross-attention cache needs the context")
+                check_features("context", context, self.d_model)
+                cache.append(self._heads(self.k_proj(context)), self._heads(self.v_proj(context)))
+            return self._attention(q, cache.keys, cache.values, False, key_padding_mask, None)
+        if context is not None or key_padding_mask is not None:
+            raise ValueError("a self-attention cache takes neither a context nor a key_padding_mask")
+        start = cache.length
+        k, v = cache.append(self._heads(self.k_proj(x)), self._heads(self.v_proj(x)))  # (B, H, L, Dh)
+        t = x.shape[1]
+        if not causal or t == 1 or start == 0:  # a single new query sees every cached key
+            return self._attention(q, k, v, causal and t > 1, None, None)
+        future = torch.arange(k.shape[2], device=x.device)[None, :] > start + torch.arange(t, device=x.device)[:, None]
+        return self._attention(q, k, v, False, None, future)  # key j is after new query i when j > start + i
 
     @classmethod
     def from_torch(cls, mha: nn.MultiheadAttention) -> "MultiHeadAttention":

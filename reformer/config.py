@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, fields
+from typing import Any, Optional, Union
+
+try:
+    from reformer.kernels import default_n_buckets
+except ImportError:  # TEMP until the kernels export it
+    from reformer.kernels.lsh_common import default_n_buckets
 
 from ._validation import check_axes, check_dropout, check_heads, check_positive, check_seed
 
 ATTENTIONS = ("lsh", "full")
+CAUSAL_MODES = ("bucket", "chunk")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # for tests and demos: trains in seconds on a CPU
@@ -32,6 +38,17 @@ class ReformerConfig:
         d_ff: feed-forward hidden width. max_seq_len: longest accepted sequence.
         attention: ``"lsh"`` (``LSHSelfAttention``) or ``"full"`` (``MultiHeadAttention``).
         bucket_size, n_hashes: LSH chunk length and hash rounds (used when attention="lsh").
+        n_buckets: the LSH hashing scheme, fixed for the model's lifetime so that a saved model
+            keeps its behaviour: an even int (plain hashing into that many buckets) or a pair
+            ``(n1, n2)`` of even ints (factorised hashing, bucket ``b1 * n2 + b2``). None resolves
+            at construction to ``reformer.kernels.default_n_buckets(max_seq_len, bucket_size)``
+            and the resolved value is stored. The bucket count never depends on the input
+            length, so a position's hash does not change as a sequence grows.
+        causal_mode: how causal LSH picks keys (see docs/lsh.md). ``"bucket"`` (default): each
+            query attends, per round, to the most recent ``bucket_size`` positions of its own
+            bucket, so its key set depends on earlier positions only and cached decoding
+            (``generate(use_cache=True)``) is exact. ``"chunk"``: the chunked look-back of the
+            Reformer paper, where later tokens can move an earlier position's chunk boundary.
         causal: position i sees only positions <= i (needed by ``loss`` and ``generate``).
         reversible: reversible blocks (activation memory independent of depth) or the same
             two-stream network with ordinary autograd.
@@ -46,11 +63,10 @@ class ReformerConfig:
             seeded ``torch.Generator``) are reproducible. Training always draws fresh rotations
             from the global RNG; with ``seed=None`` eval does too. Unused when attention="full".
 
-    Causal LSH: a future position's value never reaches a past position's output, but the
-    future positions' hashes can change which sorted chunk a past position falls into, and so
-    which earlier positions it attends to (inherent to the Reformer's chunked LSH). So the
-    outputs for a prefix can depend on what follows it, and incremental generation (one
-    forward per new token) can differ from a full-sequence forward over the same tokens.
+    Causal LSH with ``causal_mode="chunk"``: a future position's value never reaches a past
+    position's output, but the future positions' hashes can change which sorted chunk a past
+    position falls into, and so which earlier positions it attends to. So the outputs for a
+    prefix can depend on what follows it. ``causal_mode="bucket"`` has no such look-ahead.
 
     Use ``dataclasses.replace(config, depth=12)`` to derive a changed (re-validated) copy.
     """
@@ -64,6 +80,8 @@ class ReformerConfig:
     attention: str = "lsh"
     bucket_size: int = 64
     n_hashes: int = 4
+    n_buckets: Optional[Union[int, tuple[int, int]]] = None
+    causal_mode: str = "bucket"
     causal: bool = True
     reversible: bool = True
     ff_chunks: int = 1
@@ -85,6 +103,10 @@ class ReformerConfig:
             raise TypeError(f"dropout must be a float in [0, 1), got {self.dropout!r}")
         check_dropout(self.dropout)
         check_seed(self.seed)
+        if self.causal_mode not in CAUSAL_MODES:
+            raise ValueError(f"causal_mode must be one of {CAUSAL_MODES}, got {self.causal_mode!r}")
+        n_buckets = default_n_buckets(self.max_seq_len, self.bucket_size) if self.n_buckets is None else self.n_buckets
+        object.__setattr__(self, "n_buckets", check_n_buckets(n_buckets))
         if self.axial_shape is not None:
             object.__setattr__(self, "axial_shape", self._checked_axial_shape())
 
@@ -101,6 +123,11 @@ class ReformerConfig:
                 f"gets an equal d_model/{len(shape)} slice of the axial positional encoding"
             )
         return shape
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON-friendly values (tuples become lists); ``ReformerConfig(**d)``
+        rebuilds the same config."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
 
     @property
     def head_dim(self) -> int:
@@ -119,3 +146,18 @@ class ReformerConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown ReformerConfig preset {name!r}; choose from {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+
+def check_n_buckets(n_buckets: object) -> Union[int, tuple[int, int]]:
+    """``n_buckets`` is an even int >= 2, or a pair (list or tuple) of them; returns an int or
+    a tuple. Raises ``TypeError`` for non-integers and ``ValueError`` for bad values."""
+    parts = tuple(n_buckets) if isinstance(n_buckets, (tuple, list)) else (n_buckets,)
+    if isinstance(n_buckets, (tuple, list)) and len(parts) != 2:
+        raise ValueError(f"n_buckets must be an even int or a pair (n1, n2) of even ints, got {n_buckets!r}")
+    for part in parts:
+        if not isinstance(part, int) or isinstance(part, bool):
+            raise TypeError(f"n_buckets must be an even int or a pair (n1, n2) of even ints, got {n_buckets!r}")
+        if part < 2 or part % 2:
+            raise ValueError(f"n_buckets entries must be even ints >= 2 (buckets come in +/- pairs), "
+                             f"got {n_buckets!r}")
+    return parts if len(parts) == 2 else parts[0]

@@ -4,6 +4,7 @@ import torch
 
 import reformer.kernels.api as api
 from reformer.kernels import ref_lsh
+from reformer.kernels.lsh_function import SortedCoreAdapter
 from reformer import MultiHeadAttention
 from reformer.kernels import full_attention, lsh_attention
 
@@ -29,7 +30,8 @@ def test_auto_falls_back_to_torch_outside_triton_limits(monkeypatch, dtype, head
     reporting every tensor as one and make the Triton path fail loudly if it is taken."""
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     monkeypatch.setattr(api, "triton_available", lambda: True)
-    monkeypatch.setattr(api, "_lsh_core", lambda backend: pytest.fail(f"took {backend}") if backend == "triton" else ref_lsh)
+    monkeypatch.setattr(api, "_lsh_core",
+                        lambda backend: pytest.fail(f"took {backend}") if backend == "triton" else SortedCoreAdapter(ref_lsh))
     q, k, v = (torch.randn(1, 2, 5, head_dim, dtype=dtype) for _ in range(3))
     full_attention(q, k, v, **kwargs)  # the reference serves it: no Triton error
     if not kwargs:

@@ -1,4 +1,4 @@
-"""Shared-QK LSH attention (``reformer.kernels.lsh_attention``): DESIGN.md rules 1-7."""
+"""Shared-QK LSH attention (``reformer.kernels.lsh_attention``): the semantics of docs/lsh.md."""
 from __future__ import annotations
 
 import math
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import reformer.kernels
-from reformer.kernels import lsh_attention, lsh_buckets, lsh_common, ref_lsh
+from reformer.kernels import hashing, lsh_attention, lsh_buckets, ref_lsh
 
-SELF_LOGIT = -1e5  # DESIGN.md rule 4
+SELF_ONLY_LSE = -1e5  # docs/lsh.md, "The self rule": lse reported for rows with no permitted key
 NEG_INF = float("-inf")
 
 
@@ -33,23 +33,31 @@ def masked_softmax_attend(s, v):
     return p @ v, torch.logsumexp(s, dim=-1)
 
 
+def self_rule(out, s, v, mask):
+    """A non-padding row with no permitted key outputs its own value; padding rows output 0."""
+    alone = ~(s > NEG_INF).any(-1, keepdim=True)
+    out = torch.where(alone, v, out)
+    return out if mask is None else out.masked_fill(mask[:, None, :, None], 0.0)
+
+
 def full_shared_qk(qk, v, causal=False, mask=None):
-    """Full shared-QK attention with the self rule (rule 7's right-hand side): (B, H, N, D)."""
+    """Full shared-QK attention with the self rule (the exactness property's right-hand side)."""
     n, d = qk.shape[-2:]
     k = qk / qk.norm(dim=-1, keepdim=True).clamp_min(1e-6)
     s = qk @ k.transpose(-1, -2) / math.sqrt(d)
-    s = s.masked_fill(torch.eye(n, dtype=torch.bool), SELF_LOGIT)
+    s = s.masked_fill(torch.eye(n, dtype=torch.bool), NEG_INF)
     if causal:
         s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), NEG_INF)
     if mask is not None:
         s = s.masked_fill(mask[:, None, None, :], NEG_INF)
     out, _ = masked_softmax_attend(s, v)
-    return out if mask is None else out.masked_fill(mask[:, None, :, None], 0.0)
+    return self_rule(out, s, v, mask)
 
 
 def naive_chunked_lsh(qk, v, rotations, bucket_size, causal=False, mask=None):
-    """Rules 2-6 written out plainly with ordinary autograd (stable sort by bucket, gather,
-    roll for the look-back, a softmax per round, softmax over the rounds' lse)."""
+    """docs/lsh.md (hashing, sort, chunks with look-back, self rule, rounds) written out plainly
+    with ordinary autograd: stable sort by bucket, gather, roll for the look-back, a softmax per
+    round, softmax over the rounds' lse."""
     b, h, n, d = qk.shape
     n_hashes, n_buckets = rotations.shape[2], 2 * rotations.shape[3]
     n_pad = -(-n // bucket_size) * bucket_size
@@ -74,8 +82,7 @@ def naive_chunked_lsh(qk, v, rotations, bucket_size, causal=False, mask=None):
             sv_k, sp_k = sv, sp
         s = q @ k.transpose(-1, -2) / math.sqrt(d)
         pq, pk = sp[..., :, None], sp_k[..., None, :]
-        s = s.masked_fill(pq == pk, SELF_LOGIT)
-        bad = (pk < 0) | (pq < 0) | ((pk > pq) if causal else False)
+        bad = (pq == pk) | (pk < 0) | (pq < 0) | ((pk > pq) if causal else False)
         s = s.masked_fill(bad, NEG_INF)
         has_key = (s > NEG_INF).any(-1)
         o, _ = masked_softmax_attend(s, sv_k)
@@ -86,7 +93,9 @@ def naive_chunked_lsh(qk, v, rotations, bucket_size, causal=False, mask=None):
     lses = torch.stack(lses)
     found = (lses > NEG_INF).any(0, keepdim=True)
     weights = torch.softmax(lses.masked_fill(~found, 0.0), dim=0) * found
-    return (weights[..., None] * torch.stack(outs)).sum(0)[:, :, :n]
+    out = (weights[..., None] * torch.stack(outs)).sum(0)[:, :, :n]
+    alone = ~found[0, :, :, :n, None] & (pos[:, :, :n, None] >= 0)
+    return torch.where(alone, v, out)
 
 
 def grads(out, inputs, seed=5):
@@ -98,13 +107,13 @@ def grads(out, inputs, seed=5):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
-def test_rule7_one_chunk_equals_full_attention(n, causal, padded, dtype, atol):
+def test_one_chunk_equals_full_attention(n, causal, padded, dtype, atol):
     qk = rand(2, 2, n, 16, dtype=dtype, seed=n).requires_grad_()
     v = rand(2, 2, n, 16, dtype=dtype, seed=n + 1).requires_grad_()
     mask = random_mask(2, n, seed=n) if padded else None
     bucket_size = n if n % 2 else n + 5  # exactly one chunk, with and without internal padding
-    out = lsh_attention(qk, v, bucket_size=bucket_size, n_hashes=2, causal=causal, key_padding_mask=mask,
-                        seed=n, backend="torch")
+    out = lsh_attention(qk, v, bucket_size=bucket_size, n_hashes=2, causal=causal, causal_mode="chunk",
+                        key_padding_mask=mask, seed=n, backend="torch")
     ref = full_shared_qk(qk, v, causal, mask)
     torch.testing.assert_close(out, ref, atol=atol, rtol=0)
     for got, want in zip(grads(out, (qk, v)), grads(ref, (qk, v))):
@@ -119,36 +128,39 @@ def test_custom_backward_matches_naive_chunked_autograd(n, bucket_size, n_hashes
                                                         monkeypatch):
     if slab_bytes is not None:  # the reference core then loops over one chunk (and hashes one position) at a time
         monkeypatch.setattr(ref_lsh, "SLAB_LOGITS_BYTES", slab_bytes)
-        monkeypatch.setattr(lsh_common, "HASH_SLAB_BYTES", slab_bytes)
+        monkeypatch.setattr(hashing, "HASH_SLAB_BYTES", slab_bytes)
     qk = rand(2, 2, n, 8, seed=1).requires_grad_()
     v = rand(2, 2, n, 8, seed=2).requires_grad_()
     mask = random_mask(2, n, seed=3) if padded else None
     rotations = rand(2, 8, n_hashes, -(-n // bucket_size), dtype=torch.float32, seed=4)
-    out = lsh_attention(qk, v, bucket_size=bucket_size, n_hashes=n_hashes, causal=causal, key_padding_mask=mask,
-                        rotations=rotations, backend="torch")
+    out = lsh_attention(qk, v, bucket_size=bucket_size, n_hashes=n_hashes, causal=causal, causal_mode="chunk",
+                        key_padding_mask=mask, rotations=rotations, backend="torch")
     ref = naive_chunked_lsh(qk, v, rotations, bucket_size, causal, mask)
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
     for got, want in zip(grads(out, (qk, v)), grads(ref, (qk, v))):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
 
 
-def test_causal_gradient_is_exactly_zero_for_future_positions():
+@pytest.mark.parametrize("causal_mode", ["bucket", "chunk"])
+def test_causal_gradient_is_exactly_zero_for_future_positions(causal_mode):
     n = 300
     qk = rand(1, 2, n, 8, dtype=torch.float32, seed=7).requires_grad_()
     v = rand(1, 2, n, 8, dtype=torch.float32, seed=8).requires_grad_()
-    out = lsh_attention(qk, v, bucket_size=16, n_hashes=3, causal=True, seed=3, backend="torch")
+    out = lsh_attention(qk, v, bucket_size=16, n_hashes=3, causal=True, causal_mode=causal_mode, seed=3,
+                        backend="torch")
     for i in [0, 1, 15, 16, 17, 64, 150, 151, 233, 298, 299]:
         dqk, dv = torch.autograd.grad(out[:, :, i].sum(), (qk, v), retain_graph=True)
         assert torch.all(dqk[:, :, i + 1:] == 0) and torch.all(dv[:, :, i + 1:] == 0)
         assert dv[:, :, : i + 1].abs().sum() > 0  # the check above is not vacuous
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_padded_positions_change_no_other_output(causal):
+@pytest.mark.parametrize("causal,causal_mode", [(False, "bucket"), (True, "bucket"), (True, "chunk")])
+def test_padded_positions_change_no_other_output(causal, causal_mode):
     n = 77
     qk, v = rand(2, 2, n, 8, dtype=torch.float32, seed=1), rand(2, 2, n, 8, dtype=torch.float32, seed=2)
     mask = random_mask(2, n, seed=4, p=0.4)
-    run = lambda a, b: lsh_attention(a, b, bucket_size=8, n_hashes=3, causal=causal, key_padding_mask=mask, seed=9)
+    run = lambda a, b: lsh_attention(a, b, bucket_size=8, n_hashes=3, causal=causal, causal_mode=causal_mode,
+                                     key_padding_mask=mask, seed=9)
     out = run(qk, v)
     noise = lambda seed: 100 * rand(2, 2, n, 8, dtype=torch.float32, seed=seed) * mask[:, None, :, None]
     out2 = run(qk + noise(5), v + noise(6))
@@ -169,15 +181,17 @@ def test_same_rotations_or_seed_bit_identical_and_different_seed_differs():
     assert torch.equal(first, run())  # global-RNG rotations replay with the RNG state
 
 
-@pytest.mark.parametrize("causal,padded", [(False, False), (True, False), (False, True), (True, True)])
-def test_gradcheck_float64_multi_chunk(causal, padded):
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("causal,causal_mode", [(False, "bucket"), (True, "chunk"), (True, "bucket")])
+@pytest.mark.parametrize("n_buckets", [None, (2, 4)])
+def test_gradcheck_float64_multi_chunk(causal, causal_mode, padded, n_buckets):
     qk = rand(1, 2, 13, 4, seed=1).requires_grad_()
     v = rand(1, 2, 13, 4, seed=2).requires_grad_()
     mask = random_mask(1, 13, seed=3) if padded else None
 
     def fn(a, b):
-        out, lse = lsh_attention(a, b, bucket_size=4, n_hashes=2, causal=causal, key_padding_mask=mask, seed=5,
-                                 return_lse=True)
+        out, lse = lsh_attention(a, b, bucket_size=4, n_hashes=2, n_buckets=n_buckets, causal=causal,
+                                 causal_mode=causal_mode, key_padding_mask=mask, seed=5, return_lse=True)
         return out if padded else (out, lse)  # lse is -inf at padded positions
 
     assert torch.autograd.gradcheck(fn, (qk, v), atol=1e-7, fast_mode=True)
@@ -201,7 +215,7 @@ def test_lse_counts_every_round():
     qk, v = rand(1, 2, 10, 8, seed=1), rand(1, 2, 10, 8, seed=2)
     _, lse = lsh_attention(qk, v, bucket_size=10, n_hashes=3, seed=0, return_lse=True)
     k = qk / qk.norm(dim=-1, keepdim=True)
-    s = (qk @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(torch.eye(10, dtype=torch.bool), SELF_LOGIT)
+    s = (qk @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(torch.eye(10, dtype=torch.bool), NEG_INF)
     torch.testing.assert_close(lse, torch.logsumexp(s, -1) + math.log(3), atol=1e-10, rtol=0)
 
 
@@ -267,7 +281,11 @@ def bad_call(**overrides):
     (dict(v=torch.randn(1, 2, 10, 8, dtype=torch.float64)), TypeError, "share one dtype"),
     (dict(qk=torch.ones(1, 2, 10, 8, dtype=torch.long)), TypeError, "floating-point"),
     (dict(bucket_size=0), ValueError, "bucket_size must be a positive int"),
-    (dict(bucket_size=2.5), ValueError, "bucket_size must be a positive int"),
+    (dict(bucket_size=2.5), TypeError, "bucket_size must be a positive int"),
+    (dict(bucket_size=True), TypeError, "bucket_size must be a positive int"),
+    (dict(n_hashes="2"), TypeError, "n_hashes must be a positive int"),
+    (dict(causal=True, causal_mode="window"), ValueError, "causal_mode must be one of"),
+    (dict(causal_mode=None), ValueError, "causal_mode must be one of"),
     (dict(n_hashes=0), ValueError, "n_hashes must be a positive int"),
     (dict(key_padding_mask=torch.zeros(1, 9, dtype=torch.bool)), ValueError, r"key_padding_mask must have shape"),
     (dict(key_padding_mask=torch.zeros(1, 10)), TypeError, "key_padding_mask must have dtype torch.bool"),
@@ -284,7 +302,7 @@ def test_bad_inputs_raise(overrides, error, match):
 
 def test_lsh_buckets_bad_inputs_raise():
     qk, rotations = torch.randn(1, 2, 10, 8), torch.randn(2, 8, 3, 2)
-    with pytest.raises(ValueError, match="n_buckets must be even"):
+    with pytest.raises(ValueError, match="n_buckets must be an even int"):
         lsh_buckets(qk, n_buckets=5, n_hashes=3, rotations=rotations)
     with pytest.raises(ValueError, match="rotations must have shape"):
         lsh_buckets(qk, n_buckets=6, n_hashes=3, rotations=rotations)

@@ -48,7 +48,7 @@ def tied_mha(seed=0):
 @pytest.mark.parametrize("causal", [False, True])
 def test_self_attention_with_one_chunk_equals_full_reference(causal):
     torch.manual_seed(0)
-    attn = LSHSelfAttention(D_MODEL, HEADS, bucket_size=16, n_hashes=2, causal=causal).eval()
+    attn = LSHSelfAttention(D_MODEL, HEADS, bucket_size=16, n_hashes=2, causal=causal, causal_mode="chunk").eval()
     x, mask = features(), left_aligned_mask([12, 9], 12)
     out = attn(x, key_padding_mask=mask)
     assert out.shape == x.shape
@@ -116,7 +116,8 @@ def test_from_torch_batch_first_false_and_unbatched_inputs():
 
 def test_is_causal_and_causal_attn_masks_select_causal_attention():
     torch.manual_seed(0)
-    lsh = LSHMultiheadAttention(D_MODEL, HEADS, bucket_size=16, n_hashes=2, seed=0).eval()
+    lsh = LSHMultiheadAttention(D_MODEL, HEADS, bucket_size=16, n_hashes=2, seed=0, batch_first=True,
+                                causal_mode="chunk").eval()
     x = features()
     ref = module_reference(lsh, x, causal=True)
     bool_mask = torch.ones(12, 12, dtype=torch.bool).triu(1)
@@ -204,7 +205,7 @@ def test_encoder_built_from_an_lsh_layer_declines_nested_tensors():
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda m, x: m(x, x, x, need_weights=True), "need_weights=True is not supported"),
+    (lambda m, x: (lambda y: m(y, y, y, need_weights=True))(torch.zeros(4097, 1, D_MODEL)), "N <= 4096"),
     (lambda m, x: m(x, x.clone(), x), "key and value must be the same tensor as query"),
     (lambda m, x: m(x, x, torch.zeros_like(x)), "key and value must be the same tensor as query"),
     (lambda m, x: m(x, x, x, attn_mask=torch.ones(12, 12, dtype=torch.bool).tril()), "only the causal attn_mask"),
@@ -238,3 +239,126 @@ def test_multihead_attention_rejects_what_lsh_cannot_honour(call, match):
 def test_bad_construction_raises(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+def test_defaults_like_torch_batch_first_false_inside_a_default_encoder_layer():
+    assert LSHMultiheadAttention(D_MODEL, HEADS).batch_first is False
+    assert nn.MultiheadAttention(D_MODEL, HEADS).batch_first is False
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(D_MODEL, HEADS, dim_feedforward=32, dropout=0.0)  # (N, B, E)
+    layer.self_attn = LSHMultiheadAttention.from_torch(layer.self_attn, bucket_size=4, n_hashes=2, seed=0)
+    assert layer.self_attn.batch_first is False
+    plain = LSHMultiheadAttention(D_MODEL, HEADS, bucket_size=4, n_hashes=2, seed=0)
+    plain.load_state_dict(layer.self_attn.state_dict())
+    x = features(n=12).transpose(0, 1).contiguous()  # (N, B, E)
+    layer.eval()
+    with torch.no_grad():
+        out = layer(x)
+        assert out.shape == (12, 2, D_MODEL)
+        torch.testing.assert_close(out, manual_layer(layer, x, plain.eval()(x, x, x)[0]))
+        seq_first = plain(x, x, x)[0]
+        plain.batch_first = True  # the same sequences given batch first
+        xb = x.transpose(0, 1)
+        torch.testing.assert_close(plain(xb, xb, xb)[0], seq_first.transpose(0, 1))
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+def test_swapped_encoder_eval_with_padding_mask_and_grad_enabled():
+    """nn.TransformerEncoder (enable_nested_tensor=True) with a hand-swapped LSH layer, eval mode,
+    padding mask, grad enabled: torch inspects in_proj_weight/in_proj_bias; it must run and agree
+    with the no_grad (nested tensor) path."""
+    torch.manual_seed(0)
+    template = nn.TransformerEncoderLayer(D_MODEL, HEADS, dim_feedforward=32, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(template, num_layers=2).eval()
+    assert encoder.use_nested_tensor
+    for layer in encoder.layers:
+        layer.self_attn = LSHMultiheadAttention.from_torch(layer.self_attn, bucket_size=4, n_hashes=2, seed=0)
+    encoder.eval()  # the new modules too: fixed rotations
+    x, mask = features(n=24), left_aligned_mask([24, 17], 24)
+    with_grad = encoder(x, src_key_padding_mask=mask)
+    with torch.no_grad():
+        nested = encoder(x, src_key_padding_mask=mask)
+    keep = ~mask[..., None]
+    torch.testing.assert_close(with_grad * keep, nested * keep, atol=1e-5, rtol=0)
+    (with_grad * keep).sum().backward()
+    assert encoder.layers[0].self_attn.qk_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("make,error,match", [
+    (lambda: LSHSelfAttention(16, 2, causal="no"), TypeError, "causal must be a bool"),
+    (lambda: LSHSelfAttention(16, 2, dropout="0.1"), TypeError, "dropout must be a float"),
+    (lambda: LSHSelfAttention(16, 2, n_buckets=5), ValueError, "n_buckets entries must be even"),
+    (lambda: LSHSelfAttention(16, 2, n_buckets=(2, 4, 8)), ValueError, "pair"),
+    (lambda: LSHSelfAttention(16, 2, n_buckets=8.0), TypeError, "n_buckets must be an even int"),
+    (lambda: LSHSelfAttention(16, 2, causal_mode="window"), ValueError, "causal_mode must be one of"),
+    (lambda: LSHMultiheadAttention(16, 2, batch_first="yes"), TypeError, "batch_first must be a bool"),
+    (lambda: LSHMultiheadAttention(16, 2, dropout=None), TypeError, "dropout must be a float"),
+])
+def test_bad_types_raise(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_input_dtype_other_than_the_parameters_raises_a_type_error():
+    attn = LSHSelfAttention(D_MODEL, HEADS, bucket_size=4)
+    with pytest.raises(TypeError, match=r"x has dtype torch.float64 but the module's parameters are torch.float32"):
+        attn(features().double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attn(features()).shape == (2, 12, D_MODEL)  # autocast decides the dtypes itself
+
+
+@pytest.mark.parametrize("causal, causal_mode", [(False, "bucket"), (True, "bucket"), (True, "chunk")])
+def test_need_weights_returns_dense_weights_whose_product_with_v_is_the_output(causal, causal_mode):
+    torch.manual_seed(0)
+    lsh = LSHMultiheadAttention(D_MODEL, HEADS, bucket_size=4, n_hashes=3, seed=2, batch_first=True,
+                                causal_mode=causal_mode).double().eval()
+    x, mask = features(n=19).double(), left_aligned_mask([19, 14], 19)
+    out, weights = lsh(x, x, x, key_padding_mask=mask, need_weights=True, average_attn_weights=False,
+                       is_causal=causal)
+    assert weights.shape == (2, HEADS, 19, 19)
+    v = rearrange(lsh.v_proj(x), "b n (h d) -> b h n d", h=HEADS)
+    expected = lsh.out_proj(rearrange(weights @ v, "b h n d -> b n (h d)"))
+    keep = ~mask[..., None]
+    torch.testing.assert_close(out * keep, expected * keep)
+    torch.testing.assert_close(out, lsh(x, x, x, key_padding_mask=mask, is_causal=causal)[0])  # same rotations
+    assert torch.all(weights[1, :, 14:] == 0) and torch.all(weights[..., 14:][1] == 0)  # padding
+    if causal:
+        assert torch.all(weights.triu(1) == 0)
+    off_diagonal = weights.masked_fill(torch.eye(19, dtype=torch.bool), 0).count_nonzero(-1)
+    assert off_diagonal.max() < 18  # LSH: far from full attention at bucket_size 4
+    averaged = lsh(x, x, x, key_padding_mask=mask, need_weights=True, is_causal=causal)[1]
+    torch.testing.assert_close(averaged, weights.mean(1))
+    single = lsh(x[0], x[0], x[0], need_weights=True, is_causal=causal)[1]
+    assert single.shape == (19, 19)
+
+
+def test_record_attention_keeps_outputs_and_records_buckets_and_weights():
+    from reformer import ReformerConfig, ReformerLM, record_attention
+
+    torch.manual_seed(0)
+    model = ReformerLM(ReformerConfig(vocab_size=32, d_model=32, n_heads=4, depth=3, d_ff=32, max_seq_len=40,
+                                      bucket_size=4, n_hashes=2, seed=1)).eval()
+    tokens = torch.randint(0, 32, (2, 23))
+    with torch.no_grad():
+        plain = model(tokens)
+        with record_attention(model) as rec:
+            recorded = model(tokens)
+        torch.testing.assert_close(recorded, plain)
+        assert [r.name for r in rec.records] == [f"layers.blocks.{i}.f.fn" for i in range(3)]
+        for record, block in zip(rec.records, model.layers.blocks):
+            assert record.buckets.shape == (2, 4, 2, 23) and record.weights.shape == (2, 4, 23, 23)
+            assert int(record.buckets.max()) < model.config.n_buckets
+            assert torch.all(record.weights.triu(1) == 0)
+            torch.testing.assert_close(record.weights.sum(-1), torch.ones(2, 4, 23))
+        assert model(tokens) is not None and len(rec.records) == 3  # stopped recording
+        with record_attention(model, max_len=10) as small:
+            model(tokens)
+        assert small.records[0].weights is None and small.records[0].buckets.shape == (2, 4, 2, 23)
+    torch.manual_seed(5)
+    model.train()
+    with record_attention(model, weights=False) as rec:
+        torch.manual_seed(5)
+        trained = model(tokens)
+    torch.manual_seed(5)
+    assert torch.equal(trained, model(tokens))  # the same global-RNG draws with and without recording
+    assert all(r.weights is None for r in rec.records)

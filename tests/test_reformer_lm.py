@@ -244,7 +244,7 @@ def test_bad_model_inputs_raise():
     with pytest.raises(ValueError, match="at least 2 positions"):
         model.loss(torch.zeros(2, 1, dtype=torch.long))
     prompt = torch.zeros(1, 3, dtype=torch.long)
-    for kwargs, message in [(dict(max_new_tokens=-1), "max_new_tokens"), (dict(temperature=0.0), "temperature"),
+    for kwargs, message in [(dict(max_new_tokens=-1), "max_new_tokens"), (dict(temperature=-1.0), "temperature"), (dict(temperature=float("nan")), "temperature"),
                             (dict(top_k=0), "top_k"), (dict(generator=3), "generator"),
                             (dict(max_new_tokens=1.5), "max_new_tokens must be a non-negative int"),
                             (dict(top_k=True), "top_k must be a positive int")]:

@@ -1,0 +1,253 @@
+"""Multi-round shared-QK LSH attention, generic over the per-round core (docs/lsh.md).
+
+Layers, from the outside in:
+
+- :func:`lsh_attention_rounds`: hash (``hashing.hash_buckets``), sort every round by
+  (bucket, position) with padding last, and run :class:`LSHAttentionFunction`.
+- :class:`LSHAttentionFunction`: the autograd Function. It calls only the round-level protocol
+  :class:`LSHCore` (``forward_round``/``backward_round``), once per hash round, and applies the
+  self rule outside the rounds (a non-padding row with no permitted key in any round gets its
+  own value; docs/lsh.md, "The self rule").
+- :class:`SortedCoreAdapter`: implements :class:`LSHCore` for any *sorted core* (a module with
+  ``fwd``/``bwd`` on sorted, padded rows: ``reformer.kernels.ref_lsh`` or
+  ``reformer.kernels.triton_lsh``) by gathering a round's rows into sorted order, padding, calling
+  the core and merging/scattering the results back. The groups (batch x heads) are processed in
+  slabs of about ``GROUP_SLAB_BYTES`` of sorted rows, so the sorted copies never exceed a small
+  constant, whatever N.
+
+Memory: the Function saves its inputs, the output, the combined lse and, per round, the sort
+order and the sorted bucket ids (int32); backward recomputes each round's logits (as
+flash-attention does).
+"""
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any, Optional, Protocol
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .hashing import compute_dtype, hash_buckets, padded_length, total_buckets
+
+SELF_ONLY_LSE = -1e5  # reported lse of a non-padding row with no permitted key in any round (gradient 0)
+GROUP_SLAB_BYTES = 64 * 2**20  # bound on one sorted (g, Np, D) copy in the adapter
+CAUSAL_MODES = ("bucket", "chunk")
+NEG_INF = float("-inf")
+
+
+class LSHCore(Protocol):
+    """Round-level protocol the Function calls (docs/lsh.md, "The core seam").
+
+    qk, v, do: ``(G, N, D)`` UNSORTED rows; pos ``(G, N)`` int32 (-1 = padding); order ``(G, N)``
+    int32: the position placed at sorted slot s of group g this round; bkt ``(G, N)`` int32: the
+    bucket id of each sorted slot. Accumulators are float32 (float64 for float64 inputs).
+    """
+
+    def forward_round(self, qk: Tensor, v: Tensor, pos: Tensor, order: Tensor, bkt: Tensor, out: Tensor,
+                      top: Tensor, total: Tensor, *, bucket_size: int, causal: bool, causal_mode: str,
+                      scale: float) -> None:
+        """Merge this round into the running sums in place: ``top (G, N)`` is the largest round
+        lse so far, ``out (G, N, D) = sum_r exp(lse_r - top) out_r`` and
+        ``total (G, N) = sum_r exp(lse_r - top)``."""
+
+    def backward_round(self, qk: Tensor, v: Tensor, pos: Tensor, order: Tensor, bkt: Tensor, do: Tensor,
+                       lse: Tensor, delta: Tensor, dqk: Tensor, dv: Tensor, *, bucket_size: int, causal: bool,
+                       causal_mode: str, scale: float) -> None:
+        """Add this round's gradients into ``dqk, dv (G, N, D)`` at unsorted positions, given the
+        combined ``lse (G, N)`` and ``delta = rowsum(dO * O) - dlse (G, N)``."""
+
+
+def _group_slabs(g: int, n_pad: int, d: int, itemsize: int) -> tuple[range, int]:
+    """Start indices and size of the group slabs holding about ``GROUP_SLAB_BYTES`` of rows each."""
+    step = max(1, GROUP_SLAB_BYTES // max(1, n_pad * d * itemsize))
+    return range(0, g, step), step
+
+
+def _gather(x: Tensor, flat_idx: Tensor, gs: int, n: int, n_pad: int, fill: float) -> Tensor:
+    """Rows ``flat_idx`` of ``x`` viewed as ``(G*N, ...)``, as ``(gs, n_pad, ...)`` padded with ``fill``."""
+    tail = x.shape[2:]
+    rows = x.reshape(-1, *tail).index_select(0, flat_idx).view(gs, n, *tail)
+    if n_pad == n:
+        return rows
+    out = rows.new_empty((gs, n_pad, *tail))
+    out[:, :n] = rows
+    out[:, n:] = fill
+    return out
+
+
+class SortedCoreAdapter:
+    """:class:`LSHCore` for a sorted core module ``core`` (``fwd``/``bwd`` on sorted rows)."""
+
+    def __init__(self, core: Any):
+        self.core = core
+
+    def _slabs(self, qk: Tensor, order: Tensor, bucket_size: int):
+        g, n, d = qk.shape
+        n_pad = padded_length(n, bucket_size)
+        starts, step = _group_slabs(g, n_pad, d, max(4, qk.element_size()))
+        for g0 in starts:
+            g1 = min(g, g0 + step)
+            idx = order[g0:g1].long()
+            flat = (idx + torch.arange(g0, g1, device=qk.device).mul_(n).unsqueeze(-1)).reshape(-1)
+            yield g0, g1, idx, flat, n_pad
+
+    def forward_round(self, qk: Tensor, v: Tensor, pos: Tensor, order: Tensor, bkt: Tensor, out: Tensor,
+                      top: Tensor, total: Tensor, *, bucket_size: int, causal: bool, causal_mode: str,
+                      scale: float) -> None:
+        g, n, d = qk.shape
+        for g0, g1, idx, flat, n_pad in self._slabs(qk, order, bucket_size):
+            gs = g1 - g0
+            out_r, lse_r = self.core.fwd(
+                _gather(qk, flat, gs, n, n_pad, 0.0), _gather(v, flat, gs, n, n_pad, 0.0),
+                _gather(pos, flat, gs, n, n_pad, -1), _pad(bkt[g0:g1], n_pad, -1),
+                bucket_size=bucket_size, causal=causal, causal_mode=causal_mode, scale=scale,
+            )
+            lse_r = lse_r[:, :n].to(top.dtype)
+            # new running max in sorted order, then the weights of the old sums and of this round
+            old_top = top[g0:g1].gather(1, idx)
+            new_top = torch.maximum(old_top, lse_r)
+            base = new_top.masked_fill(new_top == NEG_INF, 0.0)
+            w_old = torch.exp(old_top - base)
+            w_new = torch.exp(lse_r - base)
+            top[g0:g1].scatter_(1, idx, new_top)
+            tot = total[g0:g1]
+            tot.scatter_(1, idx, tot.gather(1, idx).mul_(w_old).add_(w_new))
+            acc = out[g0:g1].reshape(-1, d)
+            acc_sorted = acc.index_select(0, flat).view(gs, n, d)
+            acc_sorted.mul_(w_old.unsqueeze(-1)).addcmul_(out_r[:, :n].to(out.dtype), w_new.unsqueeze(-1))
+            acc.index_copy_(0, flat - g0 * n, acc_sorted.view(-1, d))
+
+    def backward_round(self, qk: Tensor, v: Tensor, pos: Tensor, order: Tensor, bkt: Tensor, do: Tensor,
+                       lse: Tensor, delta: Tensor, dqk: Tensor, dv: Tensor, *, bucket_size: int, causal: bool,
+                       causal_mode: str, scale: float) -> None:
+        g, n, d = qk.shape
+        for g0, g1, idx, flat, n_pad in self._slabs(qk, order, bucket_size):
+            gs = g1 - g0
+            dqk_r, dv_r = self.core.bwd(
+                _gather(qk, flat, gs, n, n_pad, 0.0), _gather(v, flat, gs, n, n_pad, 0.0),
+                _gather(pos, flat, gs, n, n_pad, -1), _pad(bkt[g0:g1], n_pad, -1),
+                _gather(do, flat, gs, n, n_pad, 0.0), _gather(lse, flat, gs, n, n_pad, NEG_INF),
+                _gather(delta, flat, gs, n, n_pad, 0.0),
+                bucket_size=bucket_size, causal=causal, causal_mode=causal_mode, scale=scale,
+            )
+            local = flat - g0 * n
+            for grad, grad_r in ((dqk, dqk_r), (dv, dv_r)):
+                grad[g0:g1].view(-1, d).index_add_(0, local, grad_r[:, :n].reshape(-1, d).to(grad.dtype))
+
+
+def _pad(x: Tensor, n_pad: int, fill: int) -> Tensor:
+    """``(g, N)`` padded to ``(g, n_pad)`` with ``fill``."""
+    if x.shape[1] == n_pad:
+        return x
+    return torch.cat([x, x.new_full((x.shape[0], n_pad - x.shape[1]), fill)], dim=1)
+
+
+class LSHAttentionFunction(torch.autograd.Function):
+    """Multi-round shared-QK LSH attention over flattened heads, generic over a round-level core.
+
+    Inputs: qk, v ``(G, N, D)``; pos ``(G, N)`` int32 (-1 = padding); order, bkt ``(R, G, N)``
+    int32 (per round: the position at each sorted slot and the slot's bucket); the round-level
+    core (:class:`LSHCore`); bucket_size; causal; causal_mode. Outputs: out ``(G, N, D)`` (input
+    dtype) and lse ``(G, N)`` (float32, float64 for float64 inputs). Self rule: a non-padding row
+    with no permitted key in any round gets out = its own v and lse ``SELF_ONLY_LSE`` (gradient
+    of that lse: 0); padding rows get out 0 and lse -inf.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, qk: Tensor, v: Tensor, pos: Tensor, order: Tensor, bkt: Tensor, core: LSHCore,
+                bucket_size: int, causal: bool, causal_mode: str) -> tuple[Tensor, Tensor]:
+        g, n, d = qk.shape
+        acc = compute_dtype(qk.dtype)
+        out = torch.zeros(g, n, d, dtype=acc, device=qk.device)
+        top = torch.full((g, n), NEG_INF, dtype=acc, device=qk.device)
+        total = torch.zeros_like(top)
+        kw = dict(bucket_size=bucket_size, causal=causal, causal_mode=causal_mode, scale=d**-0.5)
+        for r in range(order.shape[0]):
+            core.forward_round(qk, v, pos, order[r], bkt[r], out, top, total, **kw)
+        out.div_(total.masked_fill(total == 0, 1.0).unsqueeze(-1))
+        self_only = (top == NEG_INF) & (pos >= 0)
+        lse = top.add_(total.log_())
+        if bool(self_only.any()):
+            out[self_only] = v[self_only].to(acc)
+            lse.masked_fill_(self_only, SELF_ONLY_LSE)
+        out = out.to(qk.dtype)
+        ctx.save_for_backward(qk, v, pos, order, bkt, out, lse, self_only)
+        ctx.core, ctx.kw = core, kw
+        return out, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dout: Optional[Tensor], dlse: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+        qk, v, pos, order, bkt, out, lse, self_only = ctx.saved_tensors
+        g, n, d = qk.shape
+        acc = compute_dtype(qk.dtype)
+        if dout is None:
+            dout = torch.zeros_like(out)
+        delta = torch.empty(g, n, dtype=acc, device=qk.device)
+        starts, step = _group_slabs(g, n, d, 4)
+        for g0 in starts:  # rowsum(dO * O) in slabs (no full-size temporary)
+            sl = slice(g0, g0 + step)
+            delta[sl] = torch.linalg.vecdot(dout[sl].to(acc), out[sl].to(acc))
+        if dlse is not None:
+            delta.sub_(dlse.to(acc).masked_fill(self_only | (pos < 0), 0.0))
+        dqk = torch.zeros(g, n, d, dtype=acc, device=qk.device)
+        dv = torch.zeros_like(dqk)
+        for r in range(order.shape[0]):
+            ctx.core.backward_round(qk, v, pos, order[r], bkt[r], dout, lse, delta, dqk, dv, **ctx.kw)
+        if bool(self_only.any()):
+            dv[self_only] += dout[self_only].to(acc)
+        return dqk.to(qk.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
+
+
+def sort_rounds(buckets: Tensor, key_padding_mask: Optional[Tensor], n_total: int) -> tuple[Tensor, Tensor]:
+    """Per-round order of positions by (bucket, position), padding last.
+
+    buckets: ``(B, H, R, N)`` int; key_padding_mask: ``(B, N)`` bool (True = padding: those
+    positions go to an extra bucket ``n_total``, after all others). Returns order and sorted
+    bucket ids, both ``(R, B*H, N)`` int32: ``order[r, g, s]`` is the position at sorted slot s.
+    """
+    b, h, r, n = buckets.shape
+    if key_padding_mask is not None:
+        buckets = buckets.masked_fill(key_padding_mask[:, None, None, :], n_total)
+    keys = buckets.to(torch.int32).permute(2, 0, 1, 3).reshape(r, b * h, n)
+    bkt, order = torch.sort(keys, dim=-1, stable=True)  # ties keep position order
+    return order.to(torch.int32), bkt
+
+
+def lsh_attention_rounds(
+    qk: Tensor,
+    v: Tensor,
+    *,
+    core: LSHCore,
+    bucket_size: int,
+    causal: bool,
+    causal_mode: str,
+    key_padding_mask: Optional[Tensor],
+    rotations: Tensor,
+    n_buckets: Any,
+) -> tuple[Tensor, Tensor]:
+    """Hash, sort and run :class:`LSHAttentionFunction` on validated inputs.
+
+    qk, v: ``(B, H, N, D)`` (padded positions already zeroed); key_padding_mask: ``(B, N)`` bool or
+    None; rotations: ``(H, D, n_hashes, W)`` for ``n_buckets`` (int or pair). Returns out
+    ``(B, H, N, D)`` and lse ``(B, H, N)``.
+    """
+    b, h, n, d = qk.shape
+    with torch.no_grad():
+        buckets = hash_buckets(qk.detach(), rotations, n_buckets, dtype=torch.int32)
+        order, bkt = sort_rounds(buckets, key_padding_mask, total_buckets(n_buckets))
+        del buckets
+        pos = torch.arange(n, dtype=torch.int32, device=qk.device).expand(b, h, n)
+        if key_padding_mask is not None:
+            pos = pos.masked_fill(key_padding_mask[:, None, :], -1)
+        pos = pos.reshape(b * h, n)
+    out, lse = LSHAttentionFunction.apply(
+        qk.reshape(b * h, n, d), v.reshape(b * h, n, d), pos, order, bkt, core, bucket_size, causal, causal_mode
+    )
+    return out.view(b, h, n, d), lse.view(b, h, n)
+
+
+def sorted_core_module(core: ModuleType) -> SortedCoreAdapter:
+    """The round-level protocol for a sorted core module (``ref_lsh``, ``triton_lsh``)."""
+    return SortedCoreAdapter(core)
