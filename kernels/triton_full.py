@@ -25,7 +25,7 @@ from einops import rearrange
 from torch import Tensor
 
 from .triton_configs import AotSpec, KernelConfig, Launcher, check_kernel_dtype, dot_dtype, head_block, storage_dtype
-from .triton_tiles import dot, dot_hi_lo, finish_softmax, load_tile, lse_for_probs, online_softmax_step, store_tile
+from .triton_tiles import INT32_LIMIT, program_id64, dot, dot_hi_lo, finish_softmax, load_tile, lse_for_probs, online_softmax_step, store_tile
 
 
 @triton.jit
@@ -36,7 +36,7 @@ def _permitted(offs_m, offs_n, n_k, kpm_row, causal):
     return ok & ((offs_n[None, :] <= offs_m[:, None]) | (causal == 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["causal"])
 def _fwd_kernel(
     Q, K, V, KPM, Out, Lse,
     stride_qg, stride_qn, stride_kg, stride_kn, stride_vg, stride_vn, stride_og, stride_on,
@@ -46,7 +46,7 @@ def _fwd_kernel(
     """One program per query block: online softmax over the permitted key blocks."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
     start_m = tl.program_id(0) * BLOCK_M
-    g = tl.program_id(1)
+    g = program_id64(1)  # int64: g * stride_g can exceed 2**31
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     kpm_row = KPM + (g // n_heads) * n_k
@@ -70,7 +70,7 @@ def _fwd_kernel(
     tl.store(Lse + g * n_q + offs_m, lse, mask=offs_m < n_q)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["causal"])
 def _bwd_dkdv_kernel(
     Q, K, V, KPM, DO, Lse, Delta, DK, DV,
     stride_qg, stride_qn, stride_kg, stride_kn, stride_vg, stride_vn, stride_og, stride_on,
@@ -80,7 +80,7 @@ def _bwd_dkdv_kernel(
     """One program per key block: dk, dv summed over every query block that sees it."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
     start_n = tl.program_id(0) * BLOCK_N
-    g = tl.program_id(1)
+    g = program_id64(1)  # int64: g * stride_g can exceed 2**31
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kpm_row = KPM + (g // n_heads) * n_k
@@ -108,7 +108,7 @@ def _bwd_dkdv_kernel(
     store_tile(DV + g * stride_vg, dv, offs_n, n_k, offs_d, head_dim_v, stride_vn)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["causal"])
 def _bwd_dq_kernel(
     Q, K, V, KPM, DO, Lse, Delta, DQ,
     stride_qg, stride_qn, stride_kg, stride_kn, stride_vg, stride_vn, stride_og, stride_on,
@@ -118,7 +118,7 @@ def _bwd_dq_kernel(
     """One program per query block: dq summed over every key block it sees."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
     start_m = tl.program_id(0) * BLOCK_M
-    g = tl.program_id(1)
+    g = program_id64(1)  # int64: g * stride_g can exceed 2**31
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     kpm_row = KPM + (g // n_heads) * n_k
@@ -234,6 +234,9 @@ def full_attention_triton(
     head_block("q", q.shape[-1])
     head_block("v", v.shape[-1])
     b, h, n_k = k.shape[0], k.shape[1], k.shape[2]
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.shape[2] * x.shape[3] >= INT32_LIMIT:
+            raise ValueError(f"one (batch, head) slab of {name} must hold fewer than 2**31 elements, got {x.shape[2] * x.shape[3]}")
     if key_padding_mask is None:
         kpm = torch.zeros(b, n_k, device=q.device, dtype=torch.int8)
     else:

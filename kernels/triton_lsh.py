@@ -1,27 +1,60 @@
-"""Triton core of shared-QK LSH attention: one sorted hash round, forward and backward.
+"""Triton core of shared-QK LSH attention: one hash round, forward and backward.
 
-Implements the per-round core contract of ``reformer.kernels.lsh_common`` (same signatures as
-the pure-PyTorch ``ref_lsh``; hashing, sorting and the round combination stay in torch there).
+Two entry points over the same three kernels:
+
+- the sorted per-round core, :func:`fwd` / :func:`bwd` (the signatures of the pure-PyTorch
+  ``ref_lsh`` core): rows already sorted by (bucket, position) and padded to ``Np``;
+- the round-level protocol, :func:`forward_round` / :func:`backward_round`: rows stay
+  UNSORTED in memory; the kernels read each sorted slot's row through ``order`` (the row at
+  sorted slot s of group g is ``order[g, s]``), merge the round's output and log-sum-exp
+  straight into float32 running accumulators at the unsorted rows (running max + rescale), and
+  add the gradients into float32 ``dqk``/``dv`` at the unsorted rows. No gather, sort, scatter
+  or merge pass runs in torch; every row belongs to one program per round, so no atomics.
+  The sorted core is the round-level kernels with ``order = arange(Np)`` and zeroed
+  accumulators (exact: a single round merged into empty sums is that round's output).
+
+Semantics of one round (``docs/lsh.md``): slots are cut into chunks of ``bucket_size``; key
+slot j is permitted for query slot i when i != j, neither row is padding (pos -1, or a slot
+past the N rows of the round) and
+
+- ``causal_mode="chunk"``: j's chunk is i's chunk or the one before (wrap-around; a single
+  chunk attends to itself once) and, when causal, ``pos[j] <= pos[i]``;
+- ``causal_mode="bucket"`` (causal only, no look-ahead, no wrap-around):
+  ``bkt[j] == bkt[i]`` and ``i - bucket_size < j < i``.
+
+A row with no permitted key gets out 0 and lse -inf (in a merge it adds nothing).
 
 Limits:
 - dtypes: float32, float16, bfloat16. Logits, softmax and accumulators are float32; float32
   uses 3xTF32 dots, float16/bfloat16 tensor-core dots with float32 intermediates split into a
-  head and a tail (about float32 accuracy).
+  head and a tail (about float32 accuracy). A score gradient is divided by a key norm (which
+  may be as small as KEY_EPS) only inside an exact power-of-two rescaling (``pow2_split``), so
+  nothing leaves the float16 range.
 - head dims 16..128 (any value, padded to a power of two with masks).
-- bucket_size: any positive int (a runtime argument; blocks may span several chunks). Blocks
-  are 64 x 64 (float16/bfloat16) or 32 x 32 (float32) rows, so buckets much smaller than a
-  block compute logits that the chunk mask then discards.
-- any number of chunks C = Np / bucket_size >= 1; with C == 1 a chunk attends to itself once.
+- bucket_size: any positive int (a runtime argument; blocks may span several chunks).
+- offsets: the group index is int64; one group must hold fewer than 2**31 elements (checked).
 - CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (how the tests run it).
 
-Design: forward, one program per (query block, group) streams the keys of its rows' chunks and
-of the chunks before them (wrap-around) through an online softmax; a (query, key) pair is kept
-when the key's chunk is the query's or the one before. Keys are normalised in the kernel and
-the normalisation is applied to the logits as a per-key float32 scale, so no rounded
-normalised key enters a matmul. Backward (flash-attention-2 style, no atomics): a query-centric
-kernel writes each row's query-use gradient, then a key-centric kernel adds each row's
-key-use gradient (over the queries of its chunk and of the next chunk, which looks back at
-it), chained through the normalisation, and writes dv.
+Design: forward, one program per (query block, group) streams the keys its rows may see
+through an online softmax. Keys are normalised in the kernel and the normalisation is applied
+to the logits as a per-key float32 scale, so no rounded normalised key enters a matmul.
+Backward (flash-attention-2 style, no atomics): a query-centric kernel adds each row's
+query-use gradient, then a key-centric kernel adds each row's key-use gradient (chained
+through the normalisation) and dv.
+
+Bytes moved per call (round level, compulsory traffic; E = element size of the inputs,
+G groups of N rows, head dim D, Np = N rounded up to bucket_size, K = key slots a query block
+streams, about 2 * bucket_size + BLOCK_N in chunk mode and bucket_size + BLOCK_M in bucket
+mode, see :func:`model_bytes`):
+
+- forward_round: queries ``G*N*D*E`` + keys and values ``2 * G*Np/BLOCK_M * K * D*E`` (re-read
+  per query block; mostly from L2) + order/bkt/pos ``12 * G*N`` + accumulators read and
+  written ``2 * G*N*(D + 2) * 4``.
+- backward_round: the dq kernel reads q, dO (``2 G*N*D*E``), lse/delta/order/pos/bkt
+  (``20 G*N``), streams keys and values as the forward does and reads+writes dqk
+  (``2 G*N*D*4``); the dk/dv kernel reads its keys and values (``2 G*N*D*E``), streams
+  queries, dO, lse, delta (``G*Np/BLOCK_N * K * (2 D*E + 8)``) and reads+writes dqk and dv
+  (``4 G*N*D*4``).
 """
 from __future__ import annotations
 
@@ -30,12 +63,21 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .lsh_common import KEY_EPS, SELF_LOGIT
-from .triton_configs import AotSpec, KernelConfig, Launcher, check_kernel_dtype, dot_dtype, head_block, storage_dtype
-from .triton_tiles import dot, dot_hi_lo, finish_softmax, load_tile, lse_for_probs, online_softmax_step, store_tile
+from .lsh_common import KEY_EPS
+from .triton_configs import AotSpec, KernelConfig, Launcher, check_kernel_dtype, dot_dtype, head_block
+from .triton_tiles import (
+    INT32_LIMIT,
+    dot,
+    dot_hi_lo,
+    finish_softmax,
+    lse_for_probs,
+    online_softmax_step,
+    pow2_split,
+    program_id64,
+)
 
 _KEY_EPS = tl.constexpr(KEY_EPS)
-_SELF_LOGIT = tl.constexpr(SELF_LOGIT)
+CAUSAL_MODES = {"chunk": 0, "bucket": 1}
 
 
 @triton.jit
@@ -52,166 +94,236 @@ def _inv_norm(x):
 
 
 @triton.jit
-def _logits(q, x_k, inv_k, rows_q, rows_k, pos_q, pos_k, bucket_size, n_chunks, key_end, scale, causal,
-            DOT: tl.constexpr):
+def _slot_rows(Order, slots, in_range):
+    """Memory rows of sorted ``slots`` (``Order`` already offset to the group), 0 outside."""
+    return tl.load(Order + slots, mask=in_range, other=0)
+
+
+@triton.jit
+def _load_rows(base, rows, valid, cols, n_cols, stride_row):
+    """(len(rows), len(cols)) tile of the rows ``rows`` (gathered), zeros where not ``valid``."""
+    mask = valid[:, None] & (cols[None, :] < n_cols)
+    return tl.load(base + rows[:, None] * stride_row + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _add_rows(base, value, rows, valid, cols, n_cols, stride_row):
+    """``base[rows] += value`` (float32) where ``valid``; rows are owned by this program."""
+    ptrs = base + rows[:, None] * stride_row + cols[None, :]
+    mask = valid[:, None] & (cols[None, :] < n_cols)
+    tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + value, mask=mask)
+
+
+@triton.jit
+def _logits(q, x_k, inv_k, slot_q, slot_k, pos_q, pos_k, bkt_q, bkt_k, bucket_size, n_chunks, key_end, scale,
+            causal, mode, DOT: tl.constexpr):
     """Masked logits (queries x keys) of raw queries ``q`` against keys ``x_k * inv_k``.
 
-    A key is permitted when it lies before ``key_end`` (the end of the segment being streamed),
-    its chunk is the query's chunk or the one before it (wrap-around), neither is padding
-    (pos -1) and, when causal, it is not in the query's future. Own position -> SELF_LOGIT.
+    Keys at or past ``key_end`` (the end of the segment being streamed) are not permitted, nor
+    the query's own slot, nor padding (pos -1). Chunk mode (``mode`` 0): the key's chunk is the
+    query's or the one before (wrap-around) and, when causal, ``pos_k <= pos_q``. Bucket mode
+    (1): same bucket and ``slot_q - bucket_size < slot_k < slot_q``.
     """
     s = dot(q, tl.trans(x_k), DOT) * (inv_k * scale)[None, :]
-    s = tl.where(pos_q[:, None] == pos_k[None, :], _SELF_LOGIT, s)
-    chunk_q, chunk_k = rows_q // bucket_size, rows_k // bucket_size
+    sq, sk = slot_q[:, None], slot_k[None, :]
+    ok = (sk < key_end) & (sq != sk) & (pos_q[:, None] >= 0) & (pos_k[None, :] >= 0)
+    chunk_q, chunk_k = sq // bucket_size, sk // bucket_size
     look_back = (chunk_q + n_chunks - 1) % n_chunks
-    ok = (chunk_k[None, :] == chunk_q[:, None]) | (chunk_k[None, :] == look_back[:, None])
-    ok = ok & (rows_k < key_end)[None, :] & (pos_q[:, None] >= 0) & (pos_k[None, :] >= 0)
-    ok = ok & ((pos_k[None, :] <= pos_q[:, None]) | (causal == 0))
+    chunk_ok = ((chunk_k == chunk_q) | (chunk_k == look_back)) & ((pos_k[None, :] <= pos_q[:, None]) | (causal == 0))
+    bucket_ok = (bkt_q[:, None] == bkt_k[None, :]) & (sk < sq) & (sk > sq - bucket_size)
+    ok = ok & tl.where(mode == 1, bucket_ok, chunk_ok)
     return tl.where(ok, s, float("-inf"))
 
 
 @triton.jit
-def _key_segment(seg, first_row, last_row, bucket_size, n_chunks):
-    """Rows [lo, hi) of the keys seen by query rows first_row..last_row, in two segments:
-    0 = their chunks and the chunk before the first one; 1 = the last chunk when they include
-    chunk 0 and it is not already in segment 0 (wrap-around), else empty."""
-    c0, c1 = first_row // bucket_size, last_row // bucket_size
+def _key_segment(seg, first, last, bucket_size, n_chunks, mode):
+    """Slots [lo, hi) of the keys seen by query slots first..last, in two segments.
+
+    Chunk mode: 0 = their chunks and the chunk before the first one; 1 = the last chunk when
+    they include chunk 0 and it is not already in segment 0 (wrap-around), else empty.
+    Bucket mode: 0 = slots first - bucket_size + 1 .. last - 1; 1 = empty.
+    """
+    c0, c1 = first // bucket_size, last // bucket_size
     wrap = (seg == 1) & (c0 == 0) & (c1 < n_chunks - 1)
     lo = tl.where(seg == 0, tl.maximum(c0 - 1, 0) * bucket_size, tl.where(wrap, (n_chunks - 1) * bucket_size, 0))
     hi = tl.where(seg == 0, (c1 + 1) * bucket_size, tl.where(wrap, n_chunks * bucket_size, 0))
+    lo = tl.where(mode == 1, tl.maximum(first - bucket_size + 1, 0), lo)
+    hi = tl.where(mode == 1, tl.where(seg == 0, last, 0), hi)
     return lo, hi
 
 
 @triton.jit
-def _query_segment(seg, first_row, last_row, bucket_size, n_chunks):
-    """Rows [lo, hi) of the queries that see key rows first_row..last_row, in two segments:
-    0 = their chunks and the chunk after the last one; 1 = chunk 0 when they include the last
-    chunk and chunk 0 is not already in segment 0 (wrap-around), else empty."""
-    c0, c1 = first_row // bucket_size, last_row // bucket_size
+def _query_segment(seg, first, last, bucket_size, n_chunks, mode):
+    """Slots [lo, hi) of the queries that see key slots first..last, in two segments.
+
+    Chunk mode: 0 = their chunks and the chunk after the last one; 1 = chunk 0 when they
+    include the last chunk and chunk 0 is not already in segment 0 (wrap-around), else empty.
+    Bucket mode: 0 = slots first + 1 .. last + bucket_size - 1; 1 = empty.
+    """
+    c0, c1 = first // bucket_size, last // bucket_size
     wrap = (seg == 1) & (c1 == n_chunks - 1) & (c0 > 0)
     lo = tl.where(seg == 0, c0 * bucket_size, 0)
     hi = tl.where(seg == 0, tl.minimum(c1 + 2, n_chunks) * bucket_size, tl.where(wrap, bucket_size, 0))
+    lo = tl.where(mode == 1, first + 1, lo)
+    hi = tl.where(mode == 1, tl.where(seg == 0, tl.minimum(last + bucket_size, n_chunks * bucket_size), 0), hi)
     return lo, hi
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["causal", "mode"])
 def _lsh_fwd_kernel(
-    QK, V, Pos, Out, Lse,
-    stride_g, stride_n, n_rows, bucket_size, head_dim, scale, causal,
+    QK, V, Pos, Order, Bkt, Out, Top, Total,
+    stride_g, n_rows, n_slots, bucket_size, head_dim, scale, causal, mode,
     DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One program per (query block, group): its queries against the keys of their chunks and
-    of the chunks before them, streamed block by block through an online softmax."""
+    """One program per (query block, group): its queries against the keys their slots may see,
+    streamed block by block through an online softmax, merged into (Out, Top, Total)."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
     start_m = tl.program_id(0) * BLOCK_M
-    g = tl.program_id(1)
-    n_chunks = n_rows // bucket_size
+    g = program_id64(1)  # int64: g * stride_g can exceed 2**31
+    qk_g, v_g, pos_g = QK + g * stride_g, V + g * stride_g, Pos + g * n_rows
+    order_g, bkt_g = Order + g * n_rows, Bkt + g * n_rows
+    n_chunks = n_slots // bucket_size
     offs_d = tl.arange(0, BLOCK_D)
-    rows_q = start_m + tl.arange(0, BLOCK_M)
-    q = load_tile(QK + g * stride_g, rows_q, n_rows, offs_d, head_dim, stride_n)
-    pos_q = tl.load(Pos + g * n_rows + rows_q, mask=rows_q < n_rows, other=-1)
-    last_q = tl.minimum(start_m + BLOCK_M, n_rows) - 1
+    slot_q = start_m + tl.arange(0, BLOCK_M)
+    in_q = slot_q < n_rows
+    row_q = _slot_rows(order_g, slot_q, in_q)
+    q = _load_rows(qk_g, row_q, in_q, offs_d, head_dim, head_dim)
+    pos_q = tl.load(pos_g + row_q, mask=in_q, other=-1)
+    bkt_q = tl.load(bkt_g + slot_q, mask=in_q, other=-1)
+    last_q = tl.minimum(start_m + BLOCK_M, n_slots) - 1
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for seg in range(0, 2):  # runtime loop: one copy of the body
-        lo, hi = _key_segment(seg, start_m, last_q, bucket_size, n_chunks)
+        lo, hi = _key_segment(seg, start_m, last_q, bucket_size, n_chunks, mode)
         for start_n in range(lo, hi, BLOCK_N):
-            rows_k = start_n + tl.arange(0, BLOCK_N)
-            x_k = load_tile(QK + g * stride_g, rows_k, hi, offs_d, head_dim, stride_n)
-            v = load_tile(V + g * stride_g, rows_k, hi, offs_d, head_dim, stride_n)
-            pos_k = tl.load(Pos + g * n_rows + rows_k, mask=rows_k < hi, other=-1)
-            s = _logits(q, x_k, _inv_norm(x_k), rows_q, rows_k, pos_q, pos_k, bucket_size, n_chunks, hi, scale,
-                        causal, DOT)
+            slot_k = start_n + tl.arange(0, BLOCK_N)
+            in_k = (slot_k < hi) & (slot_k < n_rows)
+            row_k = _slot_rows(order_g, slot_k, in_k)
+            x_k = _load_rows(qk_g, row_k, in_k, offs_d, head_dim, head_dim)
+            v = _load_rows(v_g, row_k, in_k, offs_d, head_dim, head_dim)
+            pos_k = tl.load(pos_g + row_k, mask=in_k, other=-1)
+            bkt_k = tl.load(bkt_g + slot_k, mask=in_k, other=-1)
+            s = _logits(q, x_k, _inv_norm(x_k), slot_q, slot_k, pos_q, pos_k, bkt_q, bkt_k, bucket_size, n_chunks,
+                        hi, scale, causal, mode, DOT)
             m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, s, v, DOT)
     out, lse = finish_softmax(m_i, l_i, acc)
-    store_tile(Out + g * stride_g, out, rows_q, n_rows, offs_d, head_dim, stride_n)
-    tl.store(Lse + g * n_rows + rows_q, lse, mask=rows_q < n_rows)
+
+    # merge: top' = max(top, lse); out' = out e^(top - top') + o e^(lse - top'); same for total
+    top = tl.load(Top + g * n_rows + row_q, mask=in_q, other=float("-inf"))
+    new_top = tl.maximum(top, lse)
+    base = tl.where(new_top == float("-inf"), 0.0, new_top)
+    w_old, w_new = tl.exp(top - base), tl.exp(lse - base)
+    total = tl.load(Total + g * n_rows + row_q, mask=in_q, other=0.0)
+    tl.store(Top + g * n_rows + row_q, new_top, mask=in_q)
+    tl.store(Total + g * n_rows + row_q, total * w_old + w_new, mask=in_q)
+    out_ptrs = Out + g * stride_g + row_q[:, None] * head_dim + offs_d[None, :]
+    out_mask = in_q[:, None] & (offs_d[None, :] < head_dim)
+    old = tl.load(out_ptrs, mask=out_mask, other=0.0)
+    tl.store(out_ptrs, old * w_old[:, None] + out * w_new[:, None], mask=out_mask)
 
 
 @triton.jit
-def _tile_grads(q, x_k, inv_k, rows_q, rows_k, pos_q, pos_k, do, v_k, lse, delta, bucket_size, n_chunks, key_end,
-                scale, causal, DOT: tl.constexpr):
-    """Probabilities p and logit gradients ds (0 at the constant self logit) of one tile."""
-    s = _logits(q, x_k, inv_k, rows_q, rows_k, pos_q, pos_k, bucket_size, n_chunks, key_end, scale, causal, DOT)
+def _tile_grads(q, x_k, inv_k, slot_q, slot_k, pos_q, pos_k, bkt_q, bkt_k, do, v_k, lse, delta, bucket_size, n_chunks,
+                key_end, scale, causal, mode, DOT: tl.constexpr):
+    """Probabilities p and logit gradients ds of one tile."""
+    s = _logits(q, x_k, inv_k, slot_q, slot_k, pos_q, pos_k, bkt_q, bkt_k, bucket_size, n_chunks, key_end, scale,
+                causal, mode, DOT)
     p = tl.exp(s - lse_for_probs(lse)[:, None])
     ds = p * (dot(do, tl.trans(v_k), DOT) - delta[:, None])
-    return p, tl.where(pos_q[:, None] == pos_k[None, :], 0.0, ds)
+    return p, ds
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["causal", "mode"])
 def _lsh_bwd_dq_kernel(
-    QK, V, Pos, DO, Lse, Delta, DQK,
-    stride_g, stride_n, n_rows, bucket_size, head_dim, scale, causal,
+    QK, V, Pos, Order, Bkt, DO, Lse, Delta, DQK,
+    stride_g, n_rows, n_slots, bucket_size, head_dim, scale, causal, mode,
     DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One program per (query block, group): writes the query-use gradient of its rows to DQK."""
+    """One program per (query block, group): adds the query-use gradient of its rows to DQK."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
     start_m = tl.program_id(0) * BLOCK_M
-    g = tl.program_id(1)
-    n_chunks = n_rows // bucket_size
+    g = program_id64(1)  # int64: g * stride_g can exceed 2**31
+    qk_g, v_g, pos_g = QK + g * stride_g, V + g * stride_g, Pos + g * n_rows
+    order_g, bkt_g = Order + g * n_rows, Bkt + g * n_rows
+    n_chunks = n_slots // bucket_size
     offs_d = tl.arange(0, BLOCK_D)
-    rows_q = start_m + tl.arange(0, BLOCK_M)
-    in_q = rows_q < n_rows
-    q = load_tile(QK + g * stride_g, rows_q, n_rows, offs_d, head_dim, stride_n)
-    do = load_tile(DO + g * stride_g, rows_q, n_rows, offs_d, head_dim, stride_n)
-    pos_q = tl.load(Pos + g * n_rows + rows_q, mask=in_q, other=-1)
-    lse = tl.load(Lse + g * n_rows + rows_q, mask=in_q, other=float("-inf"))
-    delta = tl.load(Delta + g * n_rows + rows_q, mask=in_q, other=0.0)
-    last_q = tl.minimum(start_m + BLOCK_M, n_rows) - 1
+    slot_q = start_m + tl.arange(0, BLOCK_M)
+    in_q = slot_q < n_rows
+    row_q = _slot_rows(order_g, slot_q, in_q)
+    q = _load_rows(qk_g, row_q, in_q, offs_d, head_dim, head_dim)
+    do = _load_rows(DO + g * stride_g, row_q, in_q, offs_d, head_dim, head_dim)
+    pos_q = tl.load(pos_g + row_q, mask=in_q, other=-1)
+    bkt_q = tl.load(bkt_g + slot_q, mask=in_q, other=-1)
+    lse = tl.load(Lse + g * n_rows + row_q, mask=in_q, other=float("-inf"))
+    delta = tl.load(Delta + g * n_rows + row_q, mask=in_q, other=0.0)
+    last_q = tl.minimum(start_m + BLOCK_M, n_slots) - 1
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for seg in range(0, 2):  # runtime loop: one copy of the body
-        lo, hi = _key_segment(seg, start_m, last_q, bucket_size, n_chunks)
+        lo, hi = _key_segment(seg, start_m, last_q, bucket_size, n_chunks, mode)
         for start_n in range(lo, hi, BLOCK_N):
-            rows_k = start_n + tl.arange(0, BLOCK_N)
-            x_k = load_tile(QK + g * stride_g, rows_k, hi, offs_d, head_dim, stride_n)
-            v = load_tile(V + g * stride_g, rows_k, hi, offs_d, head_dim, stride_n)
-            pos_k = tl.load(Pos + g * n_rows + rows_k, mask=rows_k < hi, other=-1)
+            slot_k = start_n + tl.arange(0, BLOCK_N)
+            in_k = (slot_k < hi) & (slot_k < n_rows)
+            row_k = _slot_rows(order_g, slot_k, in_k)
+            x_k = _load_rows(qk_g, row_k, in_k, offs_d, head_dim, head_dim)
+            v = _load_rows(v_g, row_k, in_k, offs_d, head_dim, head_dim)
+            pos_k = tl.load(pos_g + row_k, mask=in_k, other=-1)
+            bkt_k = tl.load(bkt_g + slot_k, mask=in_k, other=-1)
             inv_k = _inv_norm(x_k)
-            _, ds = _tile_grads(q, x_k, inv_k, rows_q, rows_k, pos_q, pos_k, do, v, lse, delta, bucket_size,
-                                n_chunks, hi, scale, causal, DOT)
-            dq += dot_hi_lo(ds * (inv_k * scale)[None, :], x_k, DOT)  # d logit / d q = scale * key
-    store_tile(DQK + g * stride_g, dq, rows_q, n_rows, offs_d, head_dim, stride_n)
+            _, ds = _tile_grads(q, x_k, inv_k, slot_q, slot_k, pos_q, pos_k, bkt_q, bkt_k, do, v, lse, delta,
+                                bucket_size, n_chunks, hi, scale, causal, mode, DOT)
+            # d logit / d q = scale * x_k * inv_k; inv_k reaches 1 / KEY_EPS, so ds * inv_k could
+            # overflow float16: scale the raw keys by an exact power of two instead
+            pw, c = pow2_split(inv_k)
+            dq += dot_hi_lo(ds * (c * scale)[None, :], (x_k.to(tl.float32) * pw[:, None]).to(x_k.dtype), DOT)
+    _add_rows(DQK + g * stride_g, dq, row_q, in_q, offs_d, head_dim, head_dim)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["causal", "mode"])
 def _lsh_bwd_dkdv_kernel(
-    QK, V, Pos, DO, Lse, Delta, DQK, DV,
-    stride_g, stride_n, n_rows, bucket_size, head_dim, scale, causal,
+    QK, V, Pos, Order, Bkt, DO, Lse, Delta, DQK, DV,
+    stride_g, n_rows, n_slots, bucket_size, head_dim, scale, causal, mode,
     DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program per (key block, group): the key-use gradient and dv of its rows, summed over
-    the queries of their chunks and of the chunks after them (which look back at them); the
-    key-use gradient is chained through the normalisation and added to DQK (from the dq kernel)."""
+    the queries that see them; the key-use gradient is chained through the normalisation and
+    added to DQK, dv to DV."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
     start_n = tl.program_id(0) * BLOCK_N
-    g = tl.program_id(1)
-    n_chunks = n_rows // bucket_size
+    g = program_id64(1)  # int64: g * stride_g can exceed 2**31
+    qk_g, do_g, pos_g = QK + g * stride_g, DO + g * stride_g, Pos + g * n_rows
+    order_g, bkt_g = Order + g * n_rows, Bkt + g * n_rows
+    n_chunks = n_slots // bucket_size
     offs_d = tl.arange(0, BLOCK_D)
-    rows_k = start_n + tl.arange(0, BLOCK_N)
-    x_k = load_tile(QK + g * stride_g, rows_k, n_rows, offs_d, head_dim, stride_n)
-    v = load_tile(V + g * stride_g, rows_k, n_rows, offs_d, head_dim, stride_n)
-    pos_k = tl.load(Pos + g * n_rows + rows_k, mask=rows_k < n_rows, other=-1)
+    slot_k = start_n + tl.arange(0, BLOCK_N)
+    in_k = slot_k < n_rows
+    row_k = _slot_rows(order_g, slot_k, in_k)
+    x_k = _load_rows(qk_g, row_k, in_k, offs_d, head_dim, head_dim)
+    v = _load_rows(V + g * stride_g, row_k, in_k, offs_d, head_dim, head_dim)
+    pos_k = tl.load(pos_g + row_k, mask=in_k, other=-1)
+    bkt_k = tl.load(bkt_g + slot_k, mask=in_k, other=-1)
     norm = _norm(x_k)
     inv_k = 1.0 / tl.maximum(norm, _KEY_EPS)
-    last_k = tl.minimum(start_n + BLOCK_N, n_rows) - 1
+    last_k = tl.minimum(start_n + BLOCK_N, n_slots) - 1
 
     dkey = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)  # w.r.t. the normalised keys, before * scale
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for seg in range(0, 2):  # runtime loop: one copy of the body
-        lo, hi = _query_segment(seg, start_n, last_k, bucket_size, n_chunks)
+        lo, hi = _query_segment(seg, start_n, last_k, bucket_size, n_chunks, mode)
         for start_m in range(lo, hi, BLOCK_M):
-            rows_q = start_m + tl.arange(0, BLOCK_M)
-            in_q = rows_q < hi
-            q = load_tile(QK + g * stride_g, rows_q, hi, offs_d, head_dim, stride_n)
-            do = load_tile(DO + g * stride_g, rows_q, hi, offs_d, head_dim, stride_n)
-            pos_q = tl.load(Pos + g * n_rows + rows_q, mask=in_q, other=-1)  # -1: row outside the segment
-            lse = tl.load(Lse + g * n_rows + rows_q, mask=in_q, other=float("-inf"))
-            delta = tl.load(Delta + g * n_rows + rows_q, mask=in_q, other=0.0)
-            p, ds = _tile_grads(q, x_k, inv_k, rows_q, rows_k, pos_q, pos_k, do, v, lse, delta, bucket_size,
-                                n_chunks, n_rows, scale, causal, DOT)
+            slot_q = start_m + tl.arange(0, BLOCK_M)
+            in_q = (slot_q < hi) & (slot_q < n_rows)
+            row_q = _slot_rows(order_g, slot_q, in_q)
+            q = _load_rows(qk_g, row_q, in_q, offs_d, head_dim, head_dim)
+            do = _load_rows(do_g, row_q, in_q, offs_d, head_dim, head_dim)
+            pos_q = tl.load(pos_g + row_q, mask=in_q, other=-1)  # -1: row outside the segment
+            bkt_q = tl.load(bkt_g + slot_q, mask=in_q, other=-1)
+            lse = tl.load(Lse + g * n_rows + row_q, mask=in_q, other=float("-inf"))
+            delta = tl.load(Delta + g * n_rows + row_q, mask=in_q, other=0.0)
+            p, ds = _tile_grads(q, x_k, inv_k, slot_q, slot_k, pos_q, pos_k, bkt_q, bkt_k, do, v, lse, delta,
+                                bucket_size, n_chunks, n_slots, scale, causal, mode, DOT)
             dv += dot_hi_lo(tl.trans(p), do, DOT)
             dkey += dot_hi_lo(tl.trans(ds), q, DOT)
 
@@ -220,87 +332,183 @@ def _lsh_bwd_dkdv_kernel(
     key = x_k.to(tl.float32) * inv_k[:, None]
     radial = tl.where(norm > _KEY_EPS, tl.sum(key * dkey, 1), 0.0)
     dx = (dkey - key * radial[:, None]) * inv_k[:, None]
-    dq = load_tile(DQK + g * stride_g, rows_k, n_rows, offs_d, head_dim, stride_n)
-    store_tile(DQK + g * stride_g, dq + dx, rows_k, n_rows, offs_d, head_dim, stride_n)
-    store_tile(DV + g * stride_g, dv, rows_k, n_rows, offs_d, head_dim, stride_n)
+    _add_rows(DQK + g * stride_g, dx, row_k, in_k, offs_d, head_dim, head_dim)
+    _add_rows(DV + g * stride_g, dv, row_k, in_k, offs_d, head_dim, head_dim)
 
 
-# Block configs (autotuned on GPU), independent of bucket_size: a block may span several chunks
-# and pairs are masked by chunk. float32 uses smaller tiles (3xTF32 dots need more shared
-# memory). The interpreter uses unequal blocks that straddle chunk boundaries in the tests.
-_HALF = (KernelConfig({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),)
-_F32 = (KernelConfig({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),)
-CONFIGS = {torch.float32: _F32, torch.float16: _HALF, torch.bfloat16: _HALF}
-_TUNE_KEY = ("n_rows", "bucket_size", "BLOCK_D")
+# Block configs per (dtype, head block), independent of bucket_size: a block may span several
+# chunks and pairs are masked by chunk. Chosen so that no configuration spills registers on
+# sm_80 / sm_90 (checked by ``python -m reformer.kernels.triton_aot``, see docs/triton.md).
+# The interpreter uses unequal blocks that straddle chunk boundaries in the tests.
+_HALF = KernelConfig({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)
+_F32 = KernelConfig({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)
+
+
+def _configs(half: KernelConfig, f32: KernelConfig, **by_block: tuple[KernelConfig, KernelConfig]) -> dict:
+    """{(dtype, head block): (config,)}: ``half``/``f32`` unless ``by_block["D<n>"] = (half, f32)``."""
+    table = {}
+    for block_d in (16, 32, 64, 128):
+        h, f = by_block.get(f"D{block_d}", (half, f32))
+        table.update({(torch.float16, block_d): (h,), (torch.bfloat16, block_d): (h,), (torch.float32, block_d): (f,)})
+    return table
+
+
+FWD_CONFIGS = _configs(_HALF, _F32)
+DQ_CONFIGS = _configs(_HALF, _F32)
+DKDV_CONFIGS = _configs(_HALF, _F32)
+_TUNE_KEY = ("n_slots", "bucket_size", "BLOCK_D")
 _INTERPRETER_CONFIG = KernelConfig({"BLOCK_M": 64, "BLOCK_N": 32})
-_FWD = Launcher(_lsh_fwd_kernel, CONFIGS, _TUNE_KEY, _INTERPRETER_CONFIG)
-_BWD_DQ = Launcher(_lsh_bwd_dq_kernel, CONFIGS, _TUNE_KEY, _INTERPRETER_CONFIG)
-_BWD_DKDV = Launcher(_lsh_bwd_dkdv_kernel, CONFIGS, _TUNE_KEY, _INTERPRETER_CONFIG, restore=("DQK",))
+_FWD = Launcher(_lsh_fwd_kernel, FWD_CONFIGS, _TUNE_KEY, _INTERPRETER_CONFIG, restore=("Out", "Top", "Total"))
+_BWD_DQ = Launcher(_lsh_bwd_dq_kernel, DQ_CONFIGS, _TUNE_KEY, _INTERPRETER_CONFIG, restore=("DQK",))
+_BWD_DKDV = Launcher(_lsh_bwd_dkdv_kernel, DKDV_CONFIGS, _TUNE_KEY, _INTERPRETER_CONFIG, restore=("DQK", "DV"))
 
 
-def _check(qk: Tensor, v: Tensor, pos: Tensor, bucket_size: int) -> None:
+def _check_round(qk: Tensor, v: Tensor, pos: Tensor, bkt: Tensor, bucket_size: int, causal: bool,
+                 causal_mode: str, order: Tensor | None = None) -> None:
     """Validate one round's inputs (see the module docstring for the limits)."""
     check_kernel_dtype("qk", qk.dtype)
-    if not isinstance(bucket_size, int) or bucket_size < 1:
+    if isinstance(bucket_size, bool) or not isinstance(bucket_size, int):
+        raise TypeError(f"bucket_size must be an int, got {bucket_size!r}")
+    if bucket_size < 1:
         raise ValueError(f"bucket_size must be a positive int, got {bucket_size!r}")
+    if causal_mode not in CAUSAL_MODES:
+        raise ValueError(f"causal_mode must be 'chunk' or 'bucket', got {causal_mode!r}")
+    if causal_mode == "bucket" and not causal:
+        raise ValueError("causal_mode='bucket' needs causal=True")
     if qk.dim() != 3 or v.shape != qk.shape or v.dtype != qk.dtype:
-        raise ValueError(f"qk and v must both be (G, Np, D) of one dtype, got {tuple(qk.shape)} and {tuple(v.shape)}")
-    if qk.shape[1] % bucket_size != 0:
+        raise ValueError(f"qk and v must both be (G, N, D) of one dtype, got {tuple(qk.shape)} and {tuple(v.shape)}")
+    if order is None and qk.shape[1] % bucket_size != 0:
         raise ValueError(f"Np = {qk.shape[1]} must be a multiple of bucket_size = {bucket_size}")
-    if pos.shape != qk.shape[:2] or pos.dtype != torch.int32:
-        raise ValueError(
-            f"pos must be int32 of shape (G, Np) = {tuple(qk.shape[:2])}, got {pos.dtype} {tuple(pos.shape)}"
-        )
+    for name, x in (("pos", pos), ("bkt", bkt), ("order", order)):
+        if x is not None and (x.shape != qk.shape[:2] or x.dtype != torch.int32):
+            raise ValueError(f"{name} must be int32 of shape (G, N) = {tuple(qk.shape[:2])}, got {x.dtype} {tuple(x.shape)}")
     head_block("qk", qk.shape[2])
+    if qk.shape[1] * qk.shape[2] >= INT32_LIMIT:
+        raise ValueError(f"one group of qk must hold fewer than 2**31 elements, got N * D = {qk.shape[1] * qk.shape[2]}")
 
 
-def _launch(launcher: Launcher, block: str, qk: Tensor, bucket_size: int, *tensors: Tensor, causal: bool,
-            scale: float) -> None:
-    """Run one LSH kernel with one program per (``block`` of rows, group); tensors are contiguous."""
+def _check_accumulator(name: str, x: Tensor, shape: tuple) -> None:
+    if x.shape != shape or x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous float32 tensor of shape {shape}, got {x.dtype} {tuple(x.shape)}")
+
+
+def _launch(launcher: Launcher, block: str, qk: Tensor, bucket_size: int, causal: bool, causal_mode: str,
+            scale: float, *tensors: Tensor) -> None:
+    """Run one LSH kernel with one program per (``block`` of slots, group); tensors are contiguous."""
     g, n_rows, d = qk.shape
+    n_slots = -(-n_rows // bucket_size) * bucket_size
     launcher.run(
-        qk.dtype, lambda meta: (triton.cdiv(n_rows, meta[block]), g), *tensors, qk.stride(0), qk.stride(1),
-        n_rows, bucket_size, d, scale, int(causal), DOT=dot_dtype(qk.dtype, launcher.interpreted),
-        BLOCK_D=head_block("qk", d),
+        qk.dtype, lambda meta: (triton.cdiv(n_slots, meta[block]), g), *tensors, n_rows * d, n_rows, n_slots,
+        bucket_size, d, float(scale), int(causal), CAUSAL_MODES[causal_mode],
+        DOT=dot_dtype(qk.dtype, launcher.interpreted), BLOCK_D=head_block("qk", d),
     )
 
 
-def fwd(qk: Tensor, v: Tensor, pos: Tensor, *, bucket_size: int, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    """One round's chunked look-back attention on sorted rows.
+def forward_round(qk: Tensor, v: Tensor, pos: Tensor, order: Tensor, bkt: Tensor, out: Tensor, top: Tensor,
+                  total: Tensor, *, bucket_size: int, causal: bool, causal_mode: str, scale: float) -> None:
+    """One round, merged in place into running float32 sums (unsorted rows).
 
-    qk, v: (G, Np, D); pos: (G, Np) int32 original positions, -1 = padding.
+    qk, v: (G, N, D) unsorted rows; pos: (G, N) int32 original positions (-1 = padding);
+    order: (G, N) int32, the row at sorted slot s; bkt: (G, N) int32 bucket of each sorted slot.
+    With this round's (o_r, lse_r): ``top = max(top, lse_r)``, ``out = sum_r exp(lse_r - top) o_r``,
+    ``total = sum_r exp(lse_r - top)`` (out (G, N, D), top and total (G, N), float32).
+    """
+    _check_round(qk, v, pos, bkt, bucket_size, causal, causal_mode, order)
+    for name, x in (("out", out), ("top", top), ("total", total)):
+        _check_accumulator(name, x, tuple(qk.shape) if name == "out" else tuple(qk.shape[:2]))
+    qk, v, pos, order, bkt = (x.contiguous() for x in (qk, v, pos, order, bkt))
+    _launch(_FWD, "BLOCK_M", qk, bucket_size, causal, causal_mode, scale, qk, v, pos, order, bkt, out, top, total)
+
+
+def backward_round(qk: Tensor, v: Tensor, pos: Tensor, order: Tensor, bkt: Tensor, do: Tensor, lse: Tensor,
+                   delta: Tensor, dqk: Tensor, dv: Tensor, *, bucket_size: int, causal: bool, causal_mode: str,
+                   scale: float) -> None:
+    """Gradients of one round added in place into float32 dqk, dv (G, N, D) at unsorted rows.
+
+    do: (G, N, D); lse: (G, N) the COMBINED (all rounds) log-sum-exp; delta: (G, N)
+    rowsum(dO * O) minus the lse's incoming gradient; both unsorted. ``p = exp(s - lse)``.
+    """
+    _check_round(qk, v, pos, bkt, bucket_size, causal, causal_mode, order)
+    for name, x in (("dqk", dqk), ("dv", dv)):
+        _check_accumulator(name, x, tuple(qk.shape))
+    qk, v, pos, order, bkt = (x.contiguous() for x in (qk, v, pos, order, bkt))
+    do = do.to(qk.dtype).contiguous()
+    lse, delta = lse.float().contiguous(), delta.float().contiguous()
+    args = (qk, v, pos, order, bkt, do, lse, delta, dqk)
+    _launch(_BWD_DQ, "BLOCK_M", qk, bucket_size, causal, causal_mode, scale, *args)
+    _launch(_BWD_DKDV, "BLOCK_N", qk, bucket_size, causal, causal_mode, scale, *args, dv)
+
+
+def _identity_order(qk: Tensor) -> Tensor:
+    g, n, _ = qk.shape
+    return torch.arange(n, device=qk.device, dtype=torch.int32).expand(g, n).contiguous()
+
+
+def fwd(qk: Tensor, v: Tensor, pos: Tensor, bkt: Tensor, *, bucket_size: int, causal: bool, causal_mode: str,
+        scale: float) -> tuple[Tensor, Tensor]:
+    """One round's attention on sorted rows.
+
+    qk, v: (G, Np, D) sorted rows padded to Np (a multiple of bucket_size); pos: (G, Np) int32
+    original positions, -1 = padding; bkt: (G, Np) int32 bucket of each slot.
     Returns out (G, Np, D) in the input dtype and lse (G, Np) float32 (-inf where a row has no
     permitted key; its out is 0).
     """
-    _check(qk, v, pos, bucket_size)
-    qk, v, pos = qk.contiguous(), v.contiguous(), pos.contiguous()
-    out = torch.empty(qk.shape, device=qk.device, dtype=storage_dtype(qk.dtype, _FWD.interpreted))
-    lse = torch.empty(qk.shape[:2], device=qk.device, dtype=torch.float32)
-    _launch(_FWD, "BLOCK_M", qk, bucket_size, qk, v, pos, out, lse, causal=causal, scale=scale)
-    return out.to(qk.dtype), lse
+    _check_round(qk, v, pos, bkt, bucket_size, causal, causal_mode)
+    out = torch.zeros(qk.shape, device=qk.device, dtype=torch.float32)
+    top = torch.full(qk.shape[:2], float("-inf"), device=qk.device, dtype=torch.float32)
+    total = torch.zeros_like(top)
+    forward_round(qk, v, pos, _identity_order(qk), bkt, out, top, total, bucket_size=bucket_size, causal=causal,
+                  causal_mode=causal_mode, scale=scale)
+    # one round merged into empty sums: total is 1 (or 0 without keys) and top its lse, exactly
+    out = out.div_(total.masked_fill(total == 0, 1.0).unsqueeze(-1)).to(qk.dtype)
+    return out, top.add_(total.log())
 
 
-def bwd(qk: Tensor, v: Tensor, pos: Tensor, do: Tensor, lse: Tensor, delta: Tensor, *,
-        bucket_size: int, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+def bwd(qk: Tensor, v: Tensor, pos: Tensor, bkt: Tensor, do: Tensor, lse: Tensor, delta: Tensor, *,
+        bucket_size: int, causal: bool, causal_mode: str, scale: float) -> tuple[Tensor, Tensor]:
     """Gradients of one round given the COMBINED (all rounds) lse and delta = rowsum(dO * O).
 
-    qk, v, do: (G, Np, D); pos: (G, Np) int32; lse, delta: (G, Np) float32 in this round's order.
-    p = exp(s - lse) (0 where lse = -inf). Returns dqk (through both the query and the
+    qk, v, do: (G, Np, D); pos, bkt: (G, Np) int32; lse, delta: (G, Np) float32 in this round's
+    order. p = exp(s - lse) (0 where lse = -inf). Returns dqk (through both the query and the
     normalised-key use of qk) and dv, both (G, Np, D) float32.
     """
-    _check(qk, v, pos, bucket_size)
-    qk, v, pos, do = qk.contiguous(), v.contiguous(), pos.contiguous(), do.to(qk.dtype).contiguous()
-    lse, delta = lse.float().contiguous(), delta.float().contiguous()
-    dqk = torch.empty(qk.shape, device=qk.device, dtype=torch.float32)
-    dv = torch.empty_like(dqk)
-    args = (qk, v, pos, do, lse, delta, dqk)
-    _launch(_BWD_DQ, "BLOCK_M", qk, bucket_size, *args, causal=causal, scale=scale)
-    _launch(_BWD_DKDV, "BLOCK_N", qk, bucket_size, *args, dv, causal=causal, scale=scale)  # adds into dqk
+    _check_round(qk, v, pos, bkt, bucket_size, causal, causal_mode)
+    dqk = torch.zeros(qk.shape, device=qk.device, dtype=torch.float32)
+    dv = torch.zeros_like(dqk)
+    backward_round(qk, v, pos, _identity_order(qk), bkt, do, lse, delta, dqk, dv, bucket_size=bucket_size,
+                   causal=causal, causal_mode=causal_mode, scale=scale)
     return dqk, dv
 
 
+def model_bytes(groups: int, n: int, head_dim: int, *, bucket_size: int, element_size: int, n_hashes: int = 1,
+                causal_mode: str = "chunk", backward: bool = True, block: int = 64) -> int:
+    """Modelled DRAM-level bytes moved by ``n_hashes`` rounds of the round-level kernels.
+
+    ``groups`` = batch * heads, ``n`` rows per group, ``element_size`` of qk/v/dO (2 for
+    float16/bfloat16, 4 for float32), ``block`` the query/key block (64 for float16/bfloat16,
+    32 for float32 with the default configs). Counts every tile a program loads or stores
+    (re-reads of key blocks by neighbouring query blocks included, as if L2 missed), so it is
+    an upper bound on DRAM traffic; ``backward=False`` for the forward only. Formula in the
+    module docstring.
+    """
+    n_slots = -(-n // bucket_size) * bucket_size
+    blocks = -(-n_slots // block)
+    keys = (2 * bucket_size + block) if causal_mode == "chunk" else (bucket_size + block)
+    keys = min(keys, n_slots) if causal_mode == "chunk" else keys  # chunk mode never streams more than Np
+    gn, row = groups * n, head_dim * element_size
+    fwd = gn * row + groups * blocks * keys * (2 * row + 8) + 12 * gn + 2 * gn * (head_dim + 2) * 4
+    total = fwd
+    if backward:
+        dq = 2 * gn * row + 20 * gn + groups * blocks * keys * (2 * row + 8) + 2 * gn * head_dim * 4
+        dkdv = 2 * gn * row + 12 * gn + groups * blocks * keys * (2 * row + 20) + 4 * gn * head_dim * 4
+        total += dq + dkdv
+    return n_hashes * total
+
+
 def aot_specs() -> list[AotSpec]:
-    """Every configuration the launchers can run (``causal`` and ``bucket_size`` are runtime arguments)."""
-    types = {"QK": "*{dt}", "V": "*{dt}", "DO": "*{dt}", "Out": "*{dt}", "Pos": "*i32", "Lse": "*fp32",
-             "Delta": "*fp32", "DQK": "*fp32", "DV": "*fp32", "scale": "fp32"}
+    """Every configuration the launchers can run (``causal``, ``mode`` and ``bucket_size`` are
+    runtime arguments)."""
+    types = {"QK": "*{dt}", "V": "*{dt}", "DO": "*{dt}", "Pos": "*i32", "Order": "*i32", "Bkt": "*i32",
+             "Out": "*fp32", "Top": "*fp32", "Total": "*fp32", "Lse": "*fp32", "Delta": "*fp32", "DQK": "*fp32",
+             "DV": "*fp32", "scale": "fp32"}
     return [spec for launcher in (_FWD, _BWD_DQ, _BWD_DKDV) for spec in launcher.aot_specs(types)]

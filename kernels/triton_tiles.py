@@ -5,11 +5,41 @@ another raw tile or a float32 intermediate (probabilities, score gradients). A f
 intermediate is split into a head and a tail in the dot dtype (:func:`dot_hi_lo`), so float16 /
 bfloat16 kernels keep about float32 accuracy at the cost of a second tensor-core dot; float32
 inputs use 3xTF32 dots (about float32 accuracy on tensor cores).
+
+Half precision: a float32 value only enters a float16 dot after it has been bounded to well
+inside the float16 range (probabilities, or score gradients times a factor in [0.5, 4) --
+see :func:`pow2_split`); anything that may leave the float16 range (e.g. a gradient times
+1 / ||key|| for a near-zero key, up to 1 / KEY_EPS) is formed in float32 and folded into an
+exact power-of-two rescaling of the raw tile instead.
+
+Offsets: the program's group index is widened to int64 (:func:`program_id64`), so
+``g * stride_g`` never wraps; offsets inside one group (``row * stride_row``) stay int32 and
+the launchers check that a group holds fewer than 2**31 elements.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+INT32_LIMIT = 2**31  # a group (one (Np, D) slab) must hold fewer elements than this
+
+
+@triton.jit
+def program_id64(axis: tl.constexpr):
+    """``tl.program_id(axis)`` as int64, so products with strides are computed in 64 bits."""
+    return tl.program_id(axis).to(tl.int64)
+
+
+@triton.jit
+def pow2_split(inv):
+    """Split positive float32 factors ``inv`` into ``2**e * c`` with c in about [0.5, 4):
+    returns (2**e, c). Multiplying a raw float16/bfloat16 tile by 2**e is exact (barring
+    underflow far below the row's norm), so ``(a * inv) @ x == (a * c) @ (x * 2**e)`` with
+    ``a * c`` as small as ``a``."""
+    e = tl.minimum(tl.maximum(tl.floor(tl.log2(inv)), -100.0), 100.0).to(tl.int32)
+    pw = ((e + 127) << 23).to(tl.float32, bitcast=True)
+    return pw, inv / pw
 
 
 @triton.jit

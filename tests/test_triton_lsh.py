@@ -1,213 +1,352 @@
 """Triton LSH attention (kernels/triton_lsh.py) under TRITON_INTERPRET=1.
 
-1. The per-round core (fwd/bwd, LSH_CORE_CONTRACT) against a dense float64 evaluation of the
-   contract written here (an (Np x Np) logit matrix with the chunk mask; autograd for dqk).
-2. ``lsh_attention(backend="triton")`` against ``backend="torch"``, outputs and gradients:
-   float32 within 1e-4; float16/bfloat16 error at most 2x the torch backend's own error in that
-   dtype, both against a float64 run.
+1. The sorted per-round core (fwd/bwd) against a dense float64 evaluation of one round written
+   here (an (Np x Np) logit matrix with the chunk / bucket mask; autograd for dqk), in both
+   causal modes, with padding, in float32, float16 and bfloat16.
+2. The round-level protocol (forward_round/backward_round: unsorted rows read through
+   ``order``, merged into running sums / added into gradients in place) against the same
+   oracle applied to the gathered rows, scattered and merged in torch.
+3. 64-bit group offsets and the half-precision rules.
 """
 from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
-from reformer.kernels import lsh_attention
 from reformer.kernels import triton_lsh
-from reformer.kernels.lsh_common import KEY_EPS, SELF_LOGIT
+from reformer.kernels.lsh_common import KEY_EPS
+from reformer.kernels.triton_tiles import program_id64
 
-pytestmark = pytest.mark.triton
+pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("one_thread")]
 
 FP32_TOL = 1e-4
-LOW_PRECISION_FLOOR = 1e-5  # both errors are vs float64; covers a torch error of exactly 0
 LAUNCHERS = ("_FWD", "_BWD_DQ", "_BWD_DKDV")
+# output tolerance by dtype: one rounding of a value of magnitude <= ~2 (out is stored in the
+# input dtype); gradients are float32 from exact half inputs: about float32 accuracy
+OUT_TOL = {torch.float32: FP32_TOL, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+GRAD_TOL = {torch.float32: FP32_TOL, torch.float16: 2e-4, torch.bfloat16: 2e-4}
 
 
 # ---------------------------------------------------------------- dense reference of one round
-def _dense_logits(qk, pos, bucket_size, causal, scale):
-    """(G, Np, Np) logits [query, key] of one sorted round, -inf where not permitted."""
+def _dense_logits(qk, pos, bkt, bucket_size, causal, mode, scale):
+    """(G, Np, Np) logits [query slot, key slot] of one sorted round, -inf where not permitted."""
     n = qk.shape[1]
-    chunk = torch.arange(n) // bucket_size
-    look_back = (chunk - 1) % (n // bucket_size)
-    pair = (chunk[None, :] == chunk[:, None]) | (chunk[None, :] == look_back[:, None])
+    slot = torch.arange(n)
+    si, sj = slot[:, None], slot[None, :]
     keys = qk / qk.norm(dim=-1, keepdim=True).clamp_min(KEY_EPS)
     s = qk @ keys.transpose(-1, -2) * scale
     pq, pk = pos[:, :, None], pos[:, None, :]
-    s = torch.where(pq == pk, torch.full_like(s, SELF_LOGIT), s)  # a constant: no gradient
-    ok = pair & (pq >= 0) & (pk >= 0)
-    if causal:
-        ok = ok & (pk <= pq)
+    ok = (si != sj) & (pq >= 0) & (pk >= 0)
+    if mode == "chunk":
+        chunk = slot // bucket_size
+        look_back = (chunk - 1) % (n // bucket_size)
+        ok = ok & ((chunk[None, :] == chunk[:, None]) | (chunk[None, :] == look_back[:, None]))
+        if causal:
+            ok = ok & (pk <= pq)
+    else:
+        ok = ok & (bkt[:, :, None] == bkt[:, None, :]) & (sj < si) & (sj > si - bucket_size)
     return s.masked_fill(~ok, float("-inf"))
 
 
-def _dense_fwd(qk, v, pos, bucket_size, causal, scale):
-    s = _dense_logits(qk, pos, bucket_size, causal, scale)
+def _dense_fwd(qk, v, pos, bkt, bucket_size, causal, mode, scale):
+    s = _dense_logits(qk, pos, bkt, bucket_size, causal, mode, scale)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])
     return p @ v, lse
 
 
-def _dense_bwd(qk, v, pos, do, lse, delta, bucket_size, causal, scale):
+def _dense_bwd(qk, v, pos, bkt, do, lse, delta, bucket_size, causal, mode, scale):
     qk = qk.detach().requires_grad_()
-    s = _dense_logits(qk, pos, bucket_size, causal, scale)
+    s = _dense_logits(qk, pos, bkt, bucket_size, causal, mode, scale)
     p = torch.exp(s.detach() - lse.masked_fill(lse == float("-inf"), float("inf"))[..., None])
     ds = p * (do @ v.transpose(-1, -2) - delta[..., None])
     (dqk,) = torch.autograd.grad(s, qk, ds)
     return dqk, p.transpose(-1, -2) @ do
 
 
-def _round_inputs(g, n_pad, d, n_valid, seed=0):
-    """A sorted round: random rows, positions a permutation (first n_valid rows), -1 after."""
+def _round_inputs(g, n_pad, d, n_valid, n_buckets=3, seed=0):
+    """A sorted round: random rows, positions a permutation (first n_valid rows), -1 after;
+    non-decreasing bucket ids (the sort key) per group."""
     gen = torch.Generator().manual_seed(seed)
     qk, v, do = (torch.randn(g, n_pad, d, generator=gen) for _ in range(3))
     qk[0, 3] *= 0.5 * KEY_EPS / qk[0, 3].norm()  # norm below KEY_EPS: the key norm is clamped
     pos = torch.full((g, n_pad), -1, dtype=torch.int32)
     for i in range(g):
         pos[i, :n_valid] = torch.randperm(n_pad, generator=gen)[:n_valid].int()
-    return qk, v, do, pos
+    bkt = torch.randint(0, n_buckets, (g, n_pad), generator=gen).sort(dim=-1).values.int()
+    return qk, v, do, pos, bkt
 
 
-def _check_core(qk, v, do, pos, bucket_size, causal):
-    scale = qk.shape[-1] ** -0.5
-    out, lse = triton_lsh.fwd(qk, v, pos, bucket_size=bucket_size, causal=causal, scale=scale)
-    q64, v64, do64 = qk.double(), v.double(), do.double()
-    out_ref, lse_ref = _dense_fwd(q64, v64, pos, bucket_size, causal, scale)
-    assert (out.double() - out_ref).abs().max().item() <= FP32_TOL
-    assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref))
-    finite = torch.isfinite(lse_ref)
-    assert (lse.double()[finite] - lse_ref[finite]).abs().max().item() <= FP32_TOL
-    # backward with a "combined" lse (other rounds add mass) and an arbitrary delta
+def _backward_seeds(lse_ref):
+    """A "combined" lse (other rounds add mass) and an arbitrary delta, float32-representable."""
     gen = torch.Generator().manual_seed(1)
-    # float32-representable values: a self-only row's lse (about SELF_LOGIT) is coarse in float32
     lse_all = (lse_ref + torch.rand(lse_ref.shape, generator=gen, dtype=torch.float64)).float().double()
     delta = torch.randn(lse_ref.shape, generator=gen, dtype=torch.float64).float().double()
-    dqk, dv = triton_lsh.bwd(qk, v, pos, do, lse_all.float(), delta.float(), bucket_size=bucket_size,
-                             causal=causal, scale=scale)
-    dqk_ref, dv_ref = _dense_bwd(q64, v64, pos, do64, lse_all, delta, bucket_size, causal, scale)
+    return lse_all, delta
+
+
+def _max_abs(x):
+    return x.abs().max().item() if x.numel() else 0.0
+
+
+def _assert_rows_close(got, want, tol):
+    """Each row within ``tol`` relative to its own magnitude (the clamped key's row is ~1/KEY_EPS)."""
+    row_err = (got.double() - want).abs().amax(-1)
+    assert (row_err <= tol * want.abs().amax(-1).clamp_min(1.0)).all(), row_err.max().item()
+
+
+def _check_core(qk, v, do, pos, bkt, bucket_size, causal, mode="chunk"):
+    dtype = qk.dtype
+    scale = qk.shape[-1] ** -0.5
+    kw = dict(bucket_size=bucket_size, causal=causal, causal_mode=mode, scale=scale)
+    out, lse = triton_lsh.fwd(qk, v, pos, bkt, **kw)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    q64, v64, do64 = qk.double(), v.double(), do.double()
+    out_ref, lse_ref = _dense_fwd(q64, v64, pos, bkt, bucket_size, causal, mode, scale)
+    assert (out.double() - out_ref).abs().max().item() <= OUT_TOL[dtype]
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref))
+    finite = torch.isfinite(lse_ref)
+    assert _max_abs(lse.double()[finite] - lse_ref[finite]) <= FP32_TOL
+    assert torch.equal(out[~finite], torch.zeros_like(out[~finite]))  # no permitted key: out 0
+    lse_all, delta = _backward_seeds(lse_ref)
+    dqk, dv = triton_lsh.bwd(qk, v, pos, bkt, do, lse_all.float(), delta.float(), **kw)
+    dqk_ref, dv_ref = _dense_bwd(q64, v64, pos, bkt, do64, lse_all, delta, bucket_size, causal, mode, scale)
     for got, want in ((dqk, dqk_ref), (dv, dv_ref)):
-        # the clamped key's row is ~1/KEY_EPS: each row relative to its own magnitude
-        row_err = (got.double() - want).abs().amax(-1)
-        assert (row_err <= FP32_TOL * want.abs().amax(-1).clamp_min(1.0)).all()
+        assert got.dtype == torch.float32
+        _assert_rows_close(got, want, GRAD_TOL[dtype])
 
 
 def test_kernels_are_interpreted():
     assert all(getattr(triton_lsh, name).interpreted for name in LAUNCHERS)
 
 
-# (G, Np, D, bucket_size, n_valid, causal): one chunk (attended once), two chunks (each other's
-# look-back), many chunks with wrap-around, buckets smaller than / equal to / not dividing the
-# interpreter blocks (64 x 32), padding rows, a non-power-of-two head dim.
+# (G, Np, D, bucket_size, n_valid, causal, mode): one chunk (attended once), two chunks (each
+# other's look-back), many chunks with wrap-around, buckets smaller than / equal to / not
+# dividing the interpreter blocks (64 x 32), padding rows, a non-power-of-two head dim; the
+# bucket mode with one slot per chunk (no key at all), small and large chunks.
 CORE_CASES = [
-    (2, 16, 16, 16, 16, False),
-    (2, 32, 64, 32, 30, True),
-    (2, 32, 16, 16, 32, True),
-    (1, 96, 48, 16, 90, False),
-    (2, 72, 16, 24, 70, True),
-    (1, 60, 32, 5, 50, False),
-    (2, 96, 32, 32, 90, False),  # the first block holds chunks 0..C-2: its look-back wraps alone
+    (2, 16, 16, 16, 16, False, "chunk"),
+    (2, 32, 64, 32, 30, True, "chunk"),
+    (2, 32, 16, 16, 32, True, "chunk"),
+    (1, 96, 48, 16, 90, False, "chunk"),
+    (2, 72, 16, 24, 70, True, "chunk"),
+    (1, 60, 32, 5, 50, False, "chunk"),
+    (2, 96, 32, 32, 90, False, "chunk"),  # the first block holds chunks 0..C-2: its look-back wraps alone
+    (2, 7, 16, 1, 7, True, "bucket"),
+    (2, 100, 16, 20, 93, True, "bucket"),
+    (1, 96, 48, 48, 96, True, "bucket"),
+    (2, 60, 32, 5, 60, True, "bucket"),
 ]
 
 
-@pytest.mark.parametrize("g,n_pad,d,bucket_size,n_valid,causal", CORE_CASES)
-def test_core_matches_dense_reference(g, n_pad, d, bucket_size, n_valid, causal):
-    qk, v, do, pos = _round_inputs(g, n_pad, d, n_valid)
-    _check_core(qk, v, do, pos, bucket_size, causal)
+@pytest.mark.parametrize("g,n_pad,d,bucket_size,n_valid,causal,mode", CORE_CASES)
+def test_core_matches_dense_reference(g, n_pad, d, bucket_size, n_valid, causal, mode):
+    qk, v, do, pos, bkt = _round_inputs(g, n_pad, d, n_valid)
+    _check_core(qk, v, do, pos, bkt, bucket_size, causal, mode)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["chunk", "bucket"])
+def test_core_half_precision_matches_dense_reference(dtype, mode):
+    qk, v, do, pos, bkt = _round_inputs(2, 80, 32, 75)
+    _check_core(qk.to(dtype), v.to(dtype), do.to(dtype), pos, bkt, 16, True, mode)
+
+
+def test_own_position_is_never_a_key():
+    """A round where every query's only candidate key is itself: no key, out 0, lse -inf."""
+    qk, v, do, pos, _ = _round_inputs(1, 16, 16, 16)
+    bkt = torch.arange(16, dtype=torch.int32)[None]  # one slot per bucket
+    for mode, bucket_size in (("bucket", 4), ("chunk", 1)):
+        out, lse = triton_lsh.fwd(qk, v, pos if mode == "bucket" else pos.sort(-1).values, bkt,
+                                  bucket_size=bucket_size, causal=True, causal_mode=mode, scale=0.25)
+        if mode == "chunk":  # chunk c sees chunk c - 1 (earlier position) except chunk 0 (wraps to the last)
+            assert torch.isinf(lse[0, 0]) and torch.isfinite(lse[0, 1:]).all()
+        else:
+            assert torch.isinf(lse).all() and torch.equal(out, torch.zeros_like(out))
 
 
 def test_every_gpu_block_config_is_correct(monkeypatch):
     """The GPU block configs (blocks of whole chunks and blocks spanning chunks) are exact too."""
-    configs = {c.label(): c for cfgs in triton_lsh.CONFIGS.values() for c in cfgs}
+    configs = {c.label(): c for name in LAUNCHERS for cfgs in getattr(triton_lsh, name).configs.values()
+               for c in cfgs}
     for label, cfg in sorted(configs.items()):
         for name in LAUNCHERS:
             monkeypatch.setattr(getattr(triton_lsh, name), "interpreter_config", cfg)
-        for bucket_size, n_pad in ((16, 160), (64, 192)):
-            qk, v, do, pos = _round_inputs(1, n_pad, 32, n_pad - 7)
-            _check_core(qk, v, do, pos, bucket_size, causal=True)
+        for bucket_size, n_pad, mode in ((16, 160, "chunk"), (64, 192, "chunk"), (24, 144, "bucket")):
+            qk, v, do, pos, bkt = _round_inputs(1, n_pad, 32, n_pad - 7)
+            _check_core(qk, v, do, pos, bkt, bucket_size, True, mode)
 
 
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
         (dict(bucket_size=0), ValueError, "bucket_size"),
+        (dict(bucket_size=2.0), TypeError, "bucket_size"),
         (dict(d=8), ValueError, "head dim"),
         (dict(d=160), ValueError, "head dim"),
         (dict(dtype=torch.float64), TypeError, "float32, float16 or bfloat16"),
         (dict(n_pad=20), ValueError, "multiple of bucket_size"),
+        (dict(causal_mode="future"), ValueError, "causal_mode"),
+        (dict(causal_mode="bucket", causal=False), ValueError, "causal=True"),
+        (dict(bkt_dtype=torch.int64), ValueError, "bkt must be int32"),
     ],
 )
 def test_core_rejects_unsupported_inputs(kwargs, error, match):
-    args = dict(n_pad=32, d=16, bucket_size=16, dtype=torch.float32) | kwargs
+    args = dict(n_pad=32, d=16, bucket_size=16, dtype=torch.float32, causal_mode="chunk", causal=True,
+                bkt_dtype=torch.int32) | kwargs
     qk = torch.randn(1, args["n_pad"], args["d"], dtype=args["dtype"])
     pos = torch.arange(args["n_pad"], dtype=torch.int32)[None]
     with pytest.raises(error, match=match):
-        triton_lsh.fwd(qk, qk, pos, bucket_size=args["bucket_size"], causal=False, scale=1.0)
+        triton_lsh.fwd(qk, qk, pos, pos.to(args["bkt_dtype"]), bucket_size=args["bucket_size"],
+                       causal=args["causal"], causal_mode=args["causal_mode"], scale=1.0)
 
 
-# ------------------------------------------------------------------ lsh_attention end to end
-def _lsh_inputs(b, h, n, d, dtype, pad, seed=0):
+# ------------------------------------------------------------------ round-level protocol
+def _unsorted_round(g, n, d, bucket_size, n_pad_rows, dtype, seed=0):
+    """Unsorted rows, a random order, per-slot buckets (non-decreasing), padding positions."""
     gen = torch.Generator().manual_seed(seed)
-    qk, v, do = (torch.randn(b, h, n, d, generator=gen).to(dtype) for _ in range(3))
-    mask = torch.rand(b, n, generator=gen) < 0.3 if pad else None
-    return qk, v, do, mask
+    qk, v, do = (torch.randn(g, n, d, generator=gen).to(dtype) for _ in range(3))
+    pos = torch.arange(n, dtype=torch.int32).repeat(g, 1)
+    pos[:, torch.randperm(n, generator=gen)[:n_pad_rows]] = -1
+    order = torch.stack([torch.randperm(n, generator=gen) for _ in range(g)]).int()
+    bkt = torch.randint(0, 3, (g, n), generator=gen).sort(dim=-1).values.int()
+    return qk, v, do, pos, order, bkt
 
 
-def _lsh_run(qk, v, do, mask, backend, dtype=None, **kw):
-    """[out, dqk, dv] of lsh_attention in ``dtype`` (default: the inputs' dtype)."""
-    qk, v = (x.to(dtype or x.dtype).detach().requires_grad_() for x in (qk, v))
-    out = lsh_attention(qk, v, key_padding_mask=mask, backend=backend, seed=1234, **kw)
-    return [out, *torch.autograd.grad(out, (qk, v), do.to(out.dtype))]
+def _gathered(x, order, n_pad, fill):
+    """Rows of ``x`` (G, N, ...) at the sorted slots, padded to n_pad slots with ``fill``."""
+    idx = order.long().view(*order.shape, *([1] * (x.dim() - 2))).expand(*order.shape, *x.shape[2:])
+    s = torch.gather(x, 1, idx)
+    pad = s.new_full((s.shape[0], n_pad - s.shape[1], *s.shape[2:]), fill)
+    return torch.cat([s, pad], 1)
 
 
-# (B, H, N, D, bucket_size, n_hashes, causal, pad): every N in {1, 7, 100, 257}, bucket_size in
-# {16, 32}, n_hashes in {1, 3}, D in {16, 64}, causal and padding both ways.
-FP32_CASES = [
-    (1, 2, 1, 16, 16, 1, False, False),
-    (2, 1, 7, 64, 16, 3, True, True),
-    (1, 2, 100, 16, 32, 3, False, True),
-    (2, 1, 257, 64, 16, 1, True, True),
-    (1, 2, 257, 16, 32, 1, True, False),
-    (2, 1, 100, 64, 16, 1, False, False),
-]
+def _scattered(x_sorted, order):
+    """Inverse of _gathered (slots < N only)."""
+    n = order.shape[1]
+    out = torch.empty_like(x_sorted[:, :n])
+    idx = order.long().view(*order.shape, *([1] * (x_sorted.dim() - 2))).expand(*order.shape, *x_sorted.shape[2:])
+    return out.scatter_(1, idx, x_sorted[:, :n])
 
 
-@pytest.mark.parametrize("b,h,n,d,bucket_size,n_hashes,causal,pad", FP32_CASES)
-def test_lsh_attention_float32_matches_torch_backend(b, h, n, d, bucket_size, n_hashes, causal, pad):
-    qk, v, do, mask = _lsh_inputs(b, h, n, d, torch.float32, pad)
-    kw = dict(bucket_size=bucket_size, n_hashes=n_hashes, causal=causal)
-    got = _lsh_run(qk, v, do, mask, "triton", **kw)
-    want = _lsh_run(qk, v, do, mask, "torch", **kw)
-    for name, x, y in zip(("out", "dqk", "dv"), got, want):
-        assert torch.isfinite(x).all(), name
-        assert (x - y).abs().max().item() <= FP32_TOL, name
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,bucket_size,mode", [(1, 4, "chunk"), (7, 4, "bucket"), (100, 16, "chunk"),
+                                                  (100, 32, "bucket")])
+def test_round_level_kernels_match_gather_core_merge(dtype, n, bucket_size, mode):
+    g, d = 2, 32
+    causal = mode == "bucket" or n == 100 and bucket_size == 16
+    qk, v, do, pos, order, bkt = _unsorted_round(g, n, d, bucket_size, n // 5, dtype)
+    n_pad = -(-n // bucket_size) * bucket_size
+    scale = d**-0.5
+    kw = dict(bucket_size=bucket_size, causal=causal, causal_mode=mode, scale=scale)
+    # running sums from an earlier round (random), merged into in place
+    gen = torch.Generator().manual_seed(2)
+    out_acc = torch.randn(g, n, d, generator=gen)
+    top = torch.randn(g, n, generator=gen)
+    top[0, 0] = float("-inf")  # no key in any earlier round
+    total = torch.rand(g, n, generator=gen) + 0.5
+    total[0, 0], out_acc[0, 0] = 0.0, 0.0
+    want = [x.double() for x in (out_acc, top, total)]
+    triton_lsh.forward_round(qk, v, pos, order, bkt, out_acc, top, total, **kw)
+
+    sq, sv, sdo = (_gathered(x.double(), order, n_pad, 0.0) for x in (qk, v, do))
+    spos = _gathered(pos, order, n_pad, -1)
+    sbkt = torch.cat([bkt, bkt.new_full((g, n_pad - n), -1)], 1)  # bkt is per slot already
+    out_r, lse_r = _dense_fwd(sq, sv, spos, sbkt, bucket_size, causal, mode, scale)
+    out_r, lse_r = _scattered(out_r, order), _scattered(lse_r, order)
+    w_out, w_top, w_total = want
+    new_top = torch.maximum(w_top, lse_r)
+    base = new_top.masked_fill(new_top == float("-inf"), 0.0)
+    a, b = torch.exp(w_top - base), torch.exp(lse_r - base)
+    w_out = w_out * a[..., None] + out_r * b[..., None]
+    w_total = w_total * a + b
+    assert torch.equal(torch.isinf(top), torch.isinf(new_top))
+    fin = torch.isfinite(new_top)
+    assert _max_abs(top.double()[fin] - new_top[fin]) <= FP32_TOL
+    assert (total.double() - w_total).abs().max().item() <= FP32_TOL
+    assert (out_acc.double() - w_out).abs().max().item() <= OUT_TOL[torch.float32] * 10
+
+    # backward: combined lse and delta per unsorted row, added into existing gradients
+    lse_all, delta = _backward_seeds(torch.where(fin, new_top + w_total.log(), new_top))
+    dqk0, dv0 = torch.randn(g, n, d, generator=gen), torch.randn(g, n, d, generator=gen)
+    dqk, dv = dqk0.clone(), dv0.clone()
+    triton_lsh.backward_round(qk, v, pos, order, bkt, do, lse_all.float(), delta.float(), dqk, dv, **kw)
+    slse, sdelta = _gathered(lse_all, order, n_pad, float("-inf")), _gathered(delta, order, n_pad, 0.0)
+    dqk_r, dv_r = _dense_bwd(sq, sv, spos, sbkt, sdo, slse, sdelta, bucket_size, causal, mode, scale)
+    _assert_rows_close(dqk - dqk0, _scattered(dqk_r, order), GRAD_TOL[dtype] * 10)
+    _assert_rows_close(dv - dv0, _scattered(dv_r, order), GRAD_TOL[dtype] * 10)
 
 
-LOW_PRECISION_CASES = [
-    (torch.float16, 2, 1, 100, 64, 32, 3, True, True),
-    (torch.float16, 1, 2, 7, 16, 16, 3, False, False),
-    (torch.bfloat16, 1, 2, 257, 16, 16, 1, False, True),
-    (torch.bfloat16, 2, 1, 100, 64, 16, 3, True, False),
-]
+def test_round_level_rejects_bad_accumulators():
+    qk, v, _, pos, order, bkt = _unsorted_round(1, 10, 16, 4, 0, torch.float32)
+    out, top, total = torch.zeros(1, 10, 16), torch.zeros(1, 10), torch.zeros(1, 10)
+    kw = dict(bucket_size=4, causal=False, causal_mode="chunk", scale=0.25)
+    with pytest.raises(ValueError, match="out must be a contiguous float32"):
+        triton_lsh.forward_round(qk, v, pos, order, bkt, out.half(), top, total, **kw)
+    with pytest.raises(ValueError, match="order must be int32"):
+        triton_lsh.forward_round(qk, v, pos, order.long(), bkt, out, top, total, **kw)
 
 
-@pytest.mark.parametrize("dtype,b,h,n,d,bucket_size,n_hashes,causal,pad", LOW_PRECISION_CASES)
-def test_lsh_attention_low_precision_error_within_twice_torch_error(dtype, b, h, n, d, bucket_size, n_hashes,
-                                                                    causal, pad):
-    qk, v, do, mask = _lsh_inputs(b, h, n, d, dtype, pad)
-    kw = dict(bucket_size=bucket_size, n_hashes=n_hashes, causal=causal)
-    ref = _lsh_run(qk, v, do, mask, "torch", torch.float64, **kw)
-    torch_err = [(x.double() - r).abs().max().item() for x, r in zip(_lsh_run(qk, v, do, mask, "torch", **kw), ref)]
-    got = _lsh_run(qk, v, do, mask, "triton", **kw)
-    for name, x, r, bound in zip(("out", "dqk", "dv"), got, ref, torch_err):
-        assert x.dtype == dtype, name
-        assert (x.double() - r).abs().max().item() <= 2 * bound + LOW_PRECISION_FLOOR, name
+def test_model_bytes_grows_linearly_with_rounds_and_rows():
+    one = triton_lsh.model_bytes(8, 4096, 64, bucket_size=64, element_size=2)
+    assert triton_lsh.model_bytes(8, 4096, 64, bucket_size=64, element_size=2, n_hashes=4) == 4 * one
+    assert 1.9 * one < triton_lsh.model_bytes(8, 8192, 64, bucket_size=64, element_size=2) < 2.1 * one
+    assert triton_lsh.model_bytes(8, 4096, 64, bucket_size=64, element_size=2, backward=False) < one / 2
+    # at least the compulsory traffic: read qk and v, read and write the float32 output sums
+    assert one > 8 * 4096 * 64 * (2 * 2 + 2 * 4)
 
 
-def test_lsh_attention_fully_padded_sequence_gives_zeros():
-    qk, v, do, mask = _lsh_inputs(2, 2, 40, 16, torch.float32, pad=True)
-    mask[1] = True
-    out, dqk, dv = _lsh_run(qk, v, do, mask, "triton", bucket_size=16, n_hashes=2)
-    assert torch.equal(out[1], torch.zeros_like(out[1]))
-    assert (out[0][:, mask[0]] == 0).all()  # padded positions of the other sequence
-    for grad in (dqk, dv):
-        assert torch.isfinite(grad).all()
-        assert torch.equal(grad[1], torch.zeros_like(grad[1]))
-        assert (grad[0][:, mask[0]] == 0).all()
+# ------------------------------------------------------------------ 64-bit offsets, half precision
+@triton.jit
+def _offset_probe(Out, stride, WIDE: tl.constexpr):
+    """Out[g] = g * stride, with g widened to int64 (the kernels' way) or left int32."""
+    if WIDE:
+        g = program_id64(0)
+    else:
+        g = tl.program_id(0)
+    tl.store(Out + g, (g * stride).to(tl.int64))
+
+
+def test_group_offsets_are_computed_in_64_bits():
+    """g * stride_g for G = 4 groups of 2**30 elements: 2**31 and 3 * 2**30 wrap in int32."""
+    stride = 2**30
+    want = torch.arange(4, dtype=torch.int64) * stride
+    out = torch.zeros(4, dtype=torch.int64)
+    _offset_probe[(4,)](out, stride, WIDE=True)
+    assert torch.equal(out, want)
+    _offset_probe[(4,)](out, stride, WIDE=False)  # the int32 product wraps: the probe can tell
+    assert not torch.equal(out, want)
+
+
+def test_group_too_large_for_int32_offsets_raises():
+    qk = torch.empty(1, 1, 64).expand(1, 2**25, 64)  # 2**31 elements, never read: rejected first
+    pos = torch.zeros(1, 2**25, dtype=torch.int32)
+    with pytest.raises(ValueError, match="2\\*\\*31"):
+        triton_lsh.fwd(qk, qk, pos, pos, bucket_size=16, causal=False, causal_mode="chunk", scale=1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["chunk", "bucket"])
+def test_near_zero_and_huge_norm_rows_stay_finite_and_accurate_in_half_precision(dtype, mode):
+    """Keys with norm 1e-7 (1 / norm clamped to 1 / KEY_EPS = 1e6) and with norm ~1e4: the
+    query-use gradient multiplies score gradients by 1 / norm, which must not overflow or
+    underflow in half precision."""
+    g, n_pad, d, bucket_size = 1, 64, 32, 16
+    qk, v, do, pos, bkt = _round_inputs(g, n_pad, d, n_pad, n_buckets=1)
+    for row, norm in ((5, 1e-7), (20, 1e-6), (9, 1e4), (30, 3e3), (6, 1e-7)):
+        qk[0, row] *= norm / qk[0, row].norm()
+    qk, v, do = qk.to(dtype), v.to(dtype), do.to(dtype)
+    scale = d**-0.5
+    q64, v64, do64 = qk.double(), v.double(), do.double()
+    kw = dict(bucket_size=bucket_size, causal=True, causal_mode=mode, scale=scale)
+    out_ref, lse_ref = _dense_fwd(q64, v64, pos, bkt, bucket_size, True, mode, scale)
+    out, lse = triton_lsh.fwd(qk, v, pos, bkt, **kw)
+    assert torch.isfinite(out).all() and (out.double() - out_ref).abs().max().item() <= OUT_TOL[dtype]
+    delta = (out_ref * do64).sum(-1)
+    dqk, dv = triton_lsh.bwd(qk, v, pos, bkt, do, lse_ref.float(), delta.float(), **kw)
+    dqk_ref, dv_ref = _dense_bwd(q64, v64, pos, bkt, do64, lse_ref, delta, bucket_size, True, mode, scale)
+    for got, want in ((dqk, dqk_ref), (dv, dv_ref)):
+        assert torch.isfinite(got).all()
+        _assert_rows_close(got, want, 1e-3)
