@@ -22,9 +22,9 @@ shared-QK providers get ``qk`` and ``v`` only.
 FLOP formulas (forward; backward counted as 2.5x forward, as in flash-attention's benchmark):
 full attention ``4 * B * H * N^2 * D`` (halved when causal); LSH attention
 ``4 * B * H * N * (2 * bucket_size) * D * n_hashes`` (each query scores the keys of its own
-chunk and of the chunk before it, in each round) plus hashing
-``2 * B * H * N * D * (n_buckets / 2) * n_hashes`` with the default ``n_buckets = 2 * N /
-bucket_size`` (the rotations; this term grows as N^2 and dominates from N of about 32K).
+chunk and of the chunk before it, in each round) plus hashing ``2 * B * H * N * D * W * n_hashes``
+with ``W`` the rotations per position of the default bucket rule (``n_buckets / 2`` up to 256
+buckets, ``n1/2 + n2/2`` for the factorised ``(n1, n2)`` beyond; see ``docs/lsh.md``).
 """
 from __future__ import annotations
 
@@ -70,12 +70,22 @@ def full_flops(params: dict) -> float:
     return flops / 2 if params["causal"] else flops
 
 
+def _rotation_width(n: int, bucket_size: int) -> int:
+    """Rotations per position, head and round under the default bucket rule (plain hashing:
+    ``n_buckets / 2``; factorised ``(n1, n2)``: ``n1/2 + n2/2``)."""
+    try:
+        from reformer.kernels.hashing import default_n_buckets, rotation_width
+    except ImportError:  # an older reformer.kernels: plain hashing with 2 * ceil(N / bucket_size) buckets
+        return -(-n // bucket_size)
+    return rotation_width(default_n_buckets(n, bucket_size))
+
+
 def lsh_flops(params: dict) -> float:
     """``4 * B * H * N * (2 * bucket_size) * D * n_hashes`` plus hashing,
-    ``2 * B * H * N * D * (n_buckets / 2) * n_hashes`` with ``n_buckets = 2 * ceil(N / bucket_size)``."""
+    ``2 * B * H * N * D * W * n_hashes`` with ``W`` rotations per position (see ``_rotation_width``)."""
     bs = params["bucket_size"]
-    half_buckets = -(-params["seq_len"] // bs)
-    return 2.0 * _bhnd(params) * params["n_hashes"] * (4 * bs + half_buckets)
+    width = _rotation_width(params["seq_len"], bs)
+    return 2.0 * _bhnd(params) * params["n_hashes"] * (4 * bs + width)
 
 
 def _naive_bytes(params: dict) -> float:

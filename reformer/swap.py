@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ._validation import check_seed
 from .kernels._checks import check_positive_int
+from .kernels.hashing import check_n_buckets
 from .lsh_attention import LSHMultiheadAttention
 from .positional import AxialPositionalEncoding, SinusoidalPositionalEncoding
 from .swap_hf import is_hf_attention, is_hf_model, load_swapped, record_swap, swap_hf_attention
@@ -30,6 +31,7 @@ from .swap_hf import is_hf_attention, is_hf_model, load_swapped, record_swap, sw
 __all__ = ["swap_attention", "swap_positional", "load_swapped", "SwapReport", "SwapEntry", "AxialPositionEmbedding"]
 
 ATTENTIONS = ("lsh",)
+CAUSAL_MODES = ("bucket", "chunk")
 POSITIONAL_EMBEDDING_NAMES = ("wpe", "position_embeddings", "pos_emb", "pos_embedding", "positional_embedding",
                               "embed_positions")
 
@@ -115,6 +117,8 @@ def swap_attention(
     seed: Optional[int] = 0,
     include: Union[str, Sequence[str], None] = None,
     exclude: Union[str, Sequence[str], None] = None,
+    n_buckets: Union[int, tuple[int, int], None] = None,
+    causal_mode: str = "bucket",
 ) -> SwapReport:
     """Replace, in place, each self-attention ``nn.MultiheadAttention`` of ``model`` by
     ``LSHMultiheadAttention.from_torch(mha, bucket_size=..., n_hashes=..., seed=...)``.
@@ -123,6 +127,10 @@ def swap_attention(
     old one (``need_weights=False``); it is shared-QK attention, so the old query projection
     becomes the shared query/key projection, the value and output projections are kept and the
     key projection is dropped. ``batch_first``, device and dtype are kept.
+
+    ``n_buckets`` and ``causal_mode`` are ``lsh_attention``'s (``None``: the automatic bucket
+    rule; ``"bucket"``: causal attention within a query's own bucket, no output depends on a later
+    token; ``"chunk"``: the chunked look-back, exact causal attention when ``bucket_size >= N``).
 
     Seeds: the ``k``-th swapped module (in ``model.named_modules()`` order) gets ``seed + k``,
     which fixes its LSH rotations in eval mode, so eval outputs are reproducible by default
@@ -168,6 +176,13 @@ def swap_attention(
     check_positive_int("bucket_size", bucket_size)
     check_positive_int("n_hashes", n_hashes)
     check_seed(seed)
+    lsh = dict(bucket_size=bucket_size, n_hashes=n_hashes, n_buckets=n_buckets, causal_mode=causal_mode)
+    if n_buckets is not None:
+        lsh["n_buckets"] = check_n_buckets(n_buckets)
+    if not isinstance(causal_mode, str):
+        raise TypeError(f"causal_mode must be a string, got {causal_mode!r}")
+    if causal_mode not in CAUSAL_MODES:
+        raise ValueError(f"causal_mode must be one of {CAUSAL_MODES}, got {causal_mode!r}")
 
     def selected(name: str) -> bool:
         return not _matches(name, exclude) and (include is None or _matches(name, include))
@@ -180,9 +195,9 @@ def swap_attention(
                              f"names such as {', '.join(map(repr, candidates[:3]))} (e.g. '*self_attn')")
     seeds = _SeedCounter(seed)
     report = SwapReport("swap_attention")
-    _swap_torch_attention(model, report, bucket_size=bucket_size, n_hashes=n_hashes, seeds=seeds, selected=selected)
+    _swap_torch_attention(model, report, lsh=lsh, seeds=seeds, selected=selected)
     if is_hf_model(model):
-        swap_hf_attention(model, report, bucket_size=bucket_size, n_hashes=n_hashes, seeds=seeds, selected=selected)
+        swap_hf_attention(model, report, lsh=lsh, seeds=seeds, selected=selected)
     if not report.entries:
         raise ValueError(f"{type(model).__name__} has no torch.nn.MultiheadAttention "
                          "(nor Hugging Face attention) to swap")
@@ -207,7 +222,7 @@ class _SeedCounter:
         return self.seed + self.count - 1
 
 
-def _swap_torch_attention(model: nn.Module, report: SwapReport, *, bucket_size: int, n_hashes: int,
+def _swap_torch_attention(model: nn.Module, report: SwapReport, *, lsh: dict[str, Any],
                           seeds: _SeedCounter, selected: Callable[[str], bool]) -> None:
     """The ``nn.MultiheadAttention`` part of :func:`swap_attention`."""
     for name, parent, attr, mha in _named_children_of_type(model, nn.MultiheadAttention):
@@ -219,11 +234,11 @@ def _swap_torch_attention(model: nn.Module, report: SwapReport, *, bucket_size: 
             report.add(name, "skipped", reason)
             continue
         seed = seeds.next()
-        new = LSHMultiheadAttention.from_torch(mha, bucket_size=bucket_size, n_hashes=n_hashes, seed=seed)
+        new = LSHMultiheadAttention.from_torch(mha, seed=seed, **lsh)
         new.train(mha.training)
         setattr(parent, attr, new)
-        report.add(name, "swapped", f"nn.MultiheadAttention -> LSHMultiheadAttention (bucket_size={bucket_size}, "
-                                    f"n_hashes={n_hashes}, seed={seed}, shared-QK from the query projection)")
+        report.add(name, "swapped", f"nn.MultiheadAttention -> LSHMultiheadAttention (bucket_size={lsh['bucket_size']}, "
+                                    f"n_hashes={lsh['n_hashes']}, seed={seed}, shared-QK from the query projection)")
     for name, encoder in model.named_modules():
         if not isinstance(encoder, nn.TransformerEncoder):
             continue

@@ -15,7 +15,8 @@ Saving and loading: every swap of a Hugging Face model is recorded in ``model.co
 (a JSON dict saved in ``config.json`` by ``save_pretrained``)::
 
     {"version": 1,
-     "attention": {"transformer.h.0.attn": {"bucket_size": 64, "n_hashes": 4, "seed": 0}, ...},
+     "attention": {"transformer.h.0.attn": {"bucket_size": 64, "n_hashes": 4, "seed": 0,
+                                            "n_buckets": null, "causal_mode": "bucket"}, ...},
      "positional": {"transformer.wpe": {"axial_shape": [64, 64], "axial_dims": null}}}
 
 ``from_pretrained`` alone cannot rebuild swapped layers (it builds the original architecture:
@@ -48,6 +49,20 @@ class LSHSettings:
     bucket_size: int
     n_hashes: int
     seed: Optional[int]
+    n_buckets: Any = None  # None, an int or a pair (n1, n2)
+    causal_mode: str = "bucket"
+
+    def to_json(self) -> dict[str, Any]:
+        record = dataclasses.asdict(self)
+        if isinstance(self.n_buckets, tuple):
+            record["n_buckets"] = list(self.n_buckets)
+        return record
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> "LSHSettings":
+        n_buckets = record.get("n_buckets")
+        return cls(int(record["bucket_size"]), int(record["n_hashes"]), record.get("seed"),
+                   tuple(n_buckets) if isinstance(n_buckets, list) else n_buckets, record.get("causal_mode", "bucket"))
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -89,7 +104,8 @@ def _attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Ten
                              dropout_p=dropout, backend="torch")
     else:
         out = lsh_attention(query * scale, value, bucket_size=settings.bucket_size, n_hashes=settings.n_hashes,
-                            causal=causal, key_padding_mask=padding, seed=settings.seed)
+                            causal=causal, key_padding_mask=padding, seed=settings.seed,
+                            n_buckets=settings.n_buckets, causal_mode=settings.causal_mode)
     return out.transpose(1, 2), None
 
 
@@ -118,10 +134,11 @@ def _mark(model: nn.Module) -> None:
             module.reformer_lsh = None
 
 
-def swap_hf_attention(model: nn.Module, report: Any, *, bucket_size: int, n_hashes: int, seeds: Any,
+def swap_hf_attention(model: nn.Module, report: Any, *, lsh: dict[str, Any], seeds: Any,
                       selected: Callable[[str], bool]) -> None:
     """Mark the self-attention modules of a ``transformers`` model for LSH and switch the model
-    to ``"reformer_lsh"``. ``selected(name)`` applies the include/exclude filter; ``seeds.next()``
+    to ``"reformer_lsh"``. ``lsh``: bucket_size, n_hashes, n_buckets, causal_mode;
+    ``selected(name)`` applies the include/exclude filter; ``seeds.next()``
     gives each swapped module its seed; entries go to ``report`` (a ``SwapReport``); the swap is
     recorded in ``model.config.reformer_swap``."""
     register()
@@ -133,11 +150,12 @@ def swap_hf_attention(model: nn.Module, report: Any, *, bucket_size: int, n_hash
         elif is_hf_cross_attention(module):
             report.add(name, "skipped", f"cross-attention ({type(module).__name__}, runs full attention)")
         else:
-            settings = LSHSettings(bucket_size, n_hashes, seeds.next())
+            settings = LSHSettings(seed=seeds.next(), **lsh)
             module.reformer_lsh = settings
-            record_swap(model, "attention", name, dataclasses.asdict(settings))
-            report.add(name, "swapped", f"{type(module).__name__} -> LSH (bucket_size={bucket_size}, "
-                                        f"n_hashes={n_hashes}, seed={settings.seed}, shared-QK from the query states)")
+            record_swap(model, "attention", name, settings.to_json())
+            report.add(name, "swapped", f"{type(module).__name__} -> LSH (bucket_size={settings.bucket_size}, "
+                                        f"n_hashes={settings.n_hashes}, seed={settings.seed}, shared-QK from the "
+                                        "query states)")
     _mark(model)
     model.set_attn_implementation(IMPLEMENTATION)
 
@@ -158,7 +176,7 @@ def apply_recorded_swaps(model: nn.Module, record: dict[str, Any]) -> None:
             if not is_hf_attention(module):
                 raise ValueError(f"config.{CONFIG_KEY} names {name!r} as swapped attention, but the model's "
                                  f"module there is a {type(module).__name__}")
-            module.reformer_lsh = LSHSettings(int(opts["bucket_size"]), int(opts["n_hashes"]), opts.get("seed"))
+            module.reformer_lsh = LSHSettings.from_json(opts)
         _mark(model)
         model.set_attn_implementation(IMPLEMENTATION)
 

@@ -118,6 +118,7 @@ def test_batch_first_false_and_causal_decoder_cross_attention_left_alone():
     assert set(report.skipped) == {"layers.0.multihead_attn", "layers.1.multihead_attn"}
     assert all("cross-attention" in reason for reason in report.skipped.values())
     assert all(type(lyr.multihead_attn) is nn.MultiheadAttention for lyr in decoder.layers)
+    decoder.eval()  # fixed rotations (default seeds), so two forwards hash alike
     tgt, memory = torch.randn(12, 2, E, requires_grad=True), torch.randn(7, 2, E)
     mask = nn.Transformer.generate_square_subsequent_mask(12)
     out = decoder(tgt, memory, tgt_mask=mask, tgt_is_causal=True)
@@ -278,7 +279,8 @@ def test_gpt2_self_attention_swap_is_exact_when_lsh_is_exact():
     model.set_attn_implementation("test_shared_qk")
     with torch.no_grad():
         expected = model(ids, attention_mask=mask).logits
-    report = swap_attention(model, bucket_size=32, n_hashes=2, seed=0)
+    # causal_mode="chunk": with bucket_size >= N the chunked look-back is exact causal attention
+    report = swap_attention(model, bucket_size=32, n_hashes=2, seed=0, causal_mode="chunk")
     assert report.swapped == ["transformer.h.0.attn", "transformer.h.1.attn"]
     logits = model(ids, attention_mask=mask).logits
     keep = mask.bool()
@@ -333,6 +335,10 @@ def test_include_exclude_accept_one_glob_string_and_reject_other_types():
         swap_attention(nn.ModuleList([UserBlock()]), bucket_size=8.0)
     with pytest.raises(ValueError, match="n_hashes"):
         swap_attention(nn.ModuleList([UserBlock()]), n_hashes=0)
+    with pytest.raises(ValueError, match="causal_mode"):
+        swap_attention(nn.ModuleList([UserBlock()]), causal_mode="future")
+    with pytest.raises(ValueError, match="n_buckets"):
+        swap_attention(nn.ModuleList([UserBlock()]), n_buckets=3)
 
 
 def test_default_seed_makes_eval_reproducible():
@@ -385,7 +391,8 @@ def test_gpt2_swapped_save_load_round_trip_is_exact(tmp_path):
     model.save_pretrained(tmp_path)
     saved = __import__("json").loads((tmp_path / "config.json").read_text())["reformer_swap"]
     assert set(saved["attention"]) == {"transformer.h.0.attn", "transformer.h.1.attn"}
-    assert saved["attention"]["transformer.h.1.attn"] == {"bucket_size": 4, "n_hashes": 2, "seed": 1}
+    assert saved["attention"]["transformer.h.1.attn"] == {"bucket_size": 4, "n_hashes": 2, "seed": 1,
+                                                          "n_buckets": None, "causal_mode": "bucket"}
     assert saved["positional"] == {"transformer.wpe": {"axial_shape": [8, 8], "axial_dims": None}}
 
     loaded = load_swapped(GPT2LMHeadModel, tmp_path)
@@ -420,7 +427,7 @@ def test_bert_swapped_save_load_round_trip_is_exact(tmp_path):
     config = BertConfig(num_hidden_layers=2, hidden_size=E, num_attention_heads=H, intermediate_size=FF,
                         vocab_size=50, max_position_embeddings=64)
     model = BertModel(config)
-    report = swap_attention(model, bucket_size=4, n_hashes=2, seed=5, exclude="encoder.layer.1.*")
+    report = swap_attention(model, bucket_size=4, n_hashes=2, seed=5, exclude="encoder.layer.1.*", n_buckets=(4, 2))
     assert report.swapped == ["encoder.layer.0.attention.self"]
     swap_positional(model, (8, 8), axial_dims=(8, 8))
     _perturb_(model)
@@ -433,6 +440,7 @@ def test_bert_swapped_save_load_round_trip_is_exact(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = load_swapped(BertModel, tmp_path)
     assert loaded.encoder.layer[0].attention.self.reformer_lsh.seed == 5
+    assert loaded.encoder.layer[0].attention.self.reformer_lsh.n_buckets == (4, 2)
     assert loaded.encoder.layer[1].attention.self.reformer_lsh is None  # excluded: full attention
     with torch.no_grad():
         got = loaded(ids, attention_mask=mask).last_hidden_state
