@@ -1,18 +1,20 @@
 """Attention ops: forward and forward+backward time and peak memory versus sequence length.
 
-Providers (the baseline first):
+Providers (the baseline first; ``--providers`` takes these names or shell patterns such as
+``'lsh*'``; the older spellings ``lsh[torch]``, ``full_attention[triton]``, ``reformer_pytorch``,
+``hf_reformer`` still select the same providers):
 
-========================  ==============================================================
-``naive``                 ``reformer.kernels.full_attention(backend="torch")``: materialises
-                          the ``(B, H, N, N)`` scores (the textbook formula)
-``sdpa``                  ``torch.nn.functional.scaled_dot_product_attention`` (fused, O(N) memory)
-``full_attention[triton]``  ``full_attention(backend="triton")`` (CUDA only)
-``lsh[torch]``            ``reformer.kernels.lsh_attention(backend="torch")``, shared QK
-``lsh[triton]``           ``lsh_attention(backend="triton")`` (CUDA only)
-``reformer_pytorch``      ``reformer_pytorch.LSHAttention`` (peer, when installed)
-``hf_reformer``           ``transformers``' Reformer ``LSHSelfAttention`` (peer, when installed;
-                          random weights, includes its QK and V input projections)
-========================  ==============================================================
+====================  ==================================================================
+``naive``             ``reformer.kernels.full_attention(backend="torch")``: materialises
+                      the ``(B, H, N, N)`` scores (the textbook formula)
+``sdpa``              ``torch.nn.functional.scaled_dot_product_attention`` (fused, O(N) memory)
+``full-triton``       ``full_attention(backend="triton")`` (CUDA only)
+``lsh-torch``         ``reformer.kernels.lsh_attention(backend="torch")``, shared QK
+``lsh-triton``        ``lsh_attention(backend="triton")`` (CUDA only)
+``reformer-pytorch``  ``reformer_pytorch.LSHAttention`` (peer, when installed)
+``hf-reformer``       ``transformers``' Reformer ``LSHSelfAttention`` (peer, when installed;
+                      random weights, includes its QK and V input projections)
+====================  ==================================================================
 
 All get inputs of shape ``(B, H, N, D)`` (the peers the same numbers in their own layout);
 shared-QK providers get ``qk`` and ``v`` only.
@@ -20,7 +22,9 @@ shared-QK providers get ``qk`` and ``v`` only.
 FLOP formulas (forward; backward counted as 2.5x forward, as in flash-attention's benchmark):
 full attention ``4 * B * H * N^2 * D`` (halved when causal); LSH attention
 ``4 * B * H * N * (2 * bucket_size) * D * n_hashes`` (each query scores the keys of its own
-chunk and of the chunk before it, in each round).
+chunk and of the chunk before it, in each round) plus hashing ``2 * B * H * N * D * W * n_hashes``
+with ``W`` the rotations per position of the default bucket rule (``n_buckets / 2`` up to 256
+buckets, ``n1/2 + n2/2`` for the factorised ``(n1, n2)`` beyond; see ``docs/lsh.md``).
 """
 from __future__ import annotations
 
@@ -34,8 +38,11 @@ from .cases import Case, Provider, requires
 from .harness import Workload
 
 BENCHMARK = "attention"
-FULL_PROVIDERS = ("naive", "sdpa", "full_attention[triton]")
-LSH_PROVIDERS = ("lsh[torch]", "lsh[triton]", "reformer_pytorch", "hf_reformer")
+FULL_PROVIDERS = ("naive", "sdpa", "full-triton")
+LSH_PROVIDERS = ("lsh-torch", "lsh-triton", "reformer-pytorch", "hf-reformer")
+# earlier provider names (still accepted by --providers)
+OLD_NAMES = {"full-triton": "full_attention[triton]", "lsh-torch": "lsh[torch]", "lsh-triton": "lsh[triton]",
+             "reformer-pytorch": "reformer_pytorch", "hf-reformer": "hf_reformer"}
 
 # Calibrated on this suite's own measurements (CPU, float32), rounded up so that skipping errs
 # on the safe side: naive fwd+bwd peaks at ~3.1 score matrices, LSH at a few (N, 2*bs) score
@@ -63,9 +70,22 @@ def full_flops(params: dict) -> float:
     return flops / 2 if params["causal"] else flops
 
 
+def _rotation_width(n: int, bucket_size: int) -> int:
+    """Rotations per position, head and round under the default bucket rule (plain hashing:
+    ``n_buckets / 2``; factorised ``(n1, n2)``: ``n1/2 + n2/2``)."""
+    try:
+        from reformer.kernels.hashing import default_n_buckets, rotation_width
+    except ImportError:  # an older reformer.kernels: plain hashing with 2 * ceil(N / bucket_size) buckets
+        return -(-n // bucket_size)
+    return rotation_width(default_n_buckets(n, bucket_size))
+
+
 def lsh_flops(params: dict) -> float:
-    """``4 * B * H * N * (2 * bucket_size) * D * n_hashes``."""
-    return 4.0 * _bhnd(params) * 2 * params["bucket_size"] * params["n_hashes"]
+    """``4 * B * H * N * (2 * bucket_size) * D * n_hashes`` plus hashing,
+    ``2 * B * H * N * D * W * n_hashes`` with ``W`` rotations per position (see ``_rotation_width``)."""
+    bs = params["bucket_size"]
+    width = _rotation_width(params["seq_len"], bs)
+    return 2.0 * _bhnd(params) * params["n_hashes"] * (4 * bs + width)
 
 
 def _naive_bytes(params: dict) -> float:
@@ -78,9 +98,11 @@ def _linear_bytes(params: dict) -> float:
 
 
 def _lsh_bytes(params: dict) -> float:
+    """Per row of ``(B*H*N)``: about ``6 * D`` for outputs, gradients and gathered rows plus three
+    ``2 * bucket_size`` chunk-score rows of the round being computed (rounds run one after another);
+    measured peaks are about 0.7x this."""
     rows = params["batch"] * params["heads"] * params["seq_len"]
-    per_round = rows * (4 * 2 * params["bucket_size"] + 6 * params["head_dim"]) * _elt(params)
-    return _linear_bytes(params) + per_round
+    return rows * (6 * params["head_dim"] + 3 * 2 * params["bucket_size"]) * _elt(params)
 
 
 def _peer_bytes(params: dict) -> float:
@@ -99,19 +121,19 @@ def _build_naive(params: dict, device: torch.device) -> Workload:
     from reformer.kernels import full_attention
 
     q, k, v = _tensors(params, device, 3)
-    return Workload(lambda: full_attention(q, k, v, causal=params["causal"], backend="torch"))
+    return Workload(lambda: full_attention(q, k, v, causal=params["causal"], backend="torch"), leaves=[q, k, v])
 
 
 def _build_full_triton(params: dict, device: torch.device) -> Workload:
     from reformer.kernels import full_attention
 
     q, k, v = _tensors(params, device, 3)
-    return Workload(lambda: full_attention(q, k, v, causal=params["causal"], backend="triton"))
+    return Workload(lambda: full_attention(q, k, v, causal=params["causal"], backend="triton"), leaves=[q, k, v])
 
 
 def _build_sdpa(params: dict, device: torch.device) -> Workload:
     q, k, v = _tensors(params, device, 3)
-    return Workload(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=params["causal"]))
+    return Workload(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=params["causal"]), leaves=[q, k, v])
 
 
 def _lsh_builder(backend: str) -> Callable[[dict, torch.device], Workload]:
@@ -120,7 +142,7 @@ def _lsh_builder(backend: str) -> Callable[[dict, torch.device], Workload]:
 
         qk, v = _tensors(params, device, 2)
         return Workload(lambda: lsh_attention(qk, v, bucket_size=params["bucket_size"], n_hashes=params["n_hashes"],
-                                              causal=params["causal"], seed=0, backend=backend))
+                                              causal=params["causal"], seed=0, backend=backend), leaves=[qk, v])
 
     return build
 
@@ -132,7 +154,7 @@ def _build_reformer_pytorch(params: dict, device: torch.device) -> Workload:
     attn = LSHAttention(bucket_size=params["bucket_size"], n_hashes=params["n_hashes"],
                         causal=params["causal"]).to(device).eval()
     qk, v = (rearrange(t.detach(), "b h n d -> (b h) n d").requires_grad_() for t in _tensors(params, device, 2))
-    return Workload(lambda: attn(qk, v)[0])
+    return Workload(lambda: attn(qk, v)[0], leaves=[qk, v])
 
 
 def _build_hf_reformer(params: dict, device: torch.device) -> Workload:
@@ -148,22 +170,25 @@ def _build_hf_reformer(params: dict, device: torch.device) -> Workload:
     gen = torch.Generator().manual_seed(1234)
     hidden = torch.randn(params["batch"], params["seq_len"], heads * dim, generator=gen)
     hidden = hidden.to(device, _dtype(params)).requires_grad_()
-    return Workload(lambda: attn(hidden).hidden_states)
+    return Workload(lambda: attn(hidden).hidden_states, leaves=[hidden, *attn.parameters()])
 
 
+# gflops: rough CPU forward+backward rate, only for the run-time estimate printed before a run
 PROVIDERS: dict[str, Provider] = {
-    "naive": Provider("naive", _build_naive, _naive_bytes, full_flops, requires("reformer.kernels:full_attention")),
-    "sdpa": Provider("sdpa", _build_sdpa, _linear_bytes, full_flops),
-    "full_attention[triton]": Provider("full_attention[triton]", _build_full_triton, _linear_bytes, full_flops,
-                                       requires("triton", "reformer.kernels.triton_full"), needs_cuda=True),
-    "lsh[torch]": Provider("lsh[torch]", _lsh_builder("torch"), _lsh_bytes, lsh_flops,
-                           requires("reformer.kernels:lsh_attention")),
-    "lsh[triton]": Provider("lsh[triton]", _lsh_builder("triton"), _lsh_bytes, lsh_flops,
-                            requires("triton", "reformer.kernels:lsh_attention", "reformer.kernels.triton_lsh"),
-                            needs_cuda=True),
-    "reformer_pytorch": Provider("reformer_pytorch", _build_reformer_pytorch, _peer_bytes, lsh_flops,
-                                 requires("reformer_pytorch")),
-    "hf_reformer": Provider("hf_reformer", _build_hf_reformer, _peer_bytes, lsh_flops, requires("transformers")),
+    "naive": Provider("naive", _build_naive, _naive_bytes, full_flops, requires("reformer.kernels:full_attention"),
+                      gflops=45),
+    "sdpa": Provider("sdpa", _build_sdpa, _linear_bytes, full_flops, gflops=150),
+    "full-triton": Provider("full-triton", _build_full_triton, _linear_bytes, full_flops,
+                            requires("triton", "reformer.kernels.triton_full"), needs_cuda=True),
+    "lsh-torch": Provider("lsh-torch", _lsh_builder("torch"), _lsh_bytes, lsh_flops,
+                          requires("reformer.kernels:lsh_attention"), gflops=55),
+    "lsh-triton": Provider("lsh-triton", _lsh_builder("triton"), _lsh_bytes, lsh_flops,
+                           requires("triton", "reformer.kernels:lsh_attention", "reformer.kernels.triton_lsh"),
+                           needs_cuda=True),
+    "reformer-pytorch": Provider("reformer-pytorch", _build_reformer_pytorch, _peer_bytes, lsh_flops,
+                                 requires("reformer_pytorch:LSHAttention"), gflops=3),
+    "hf-reformer": Provider("hf-reformer", _build_hf_reformer, _peer_bytes, lsh_flops,
+                            requires("transformers.models.reformer.modeling_reformer:LSHSelfAttention"), gflops=10),
 }
 
 

@@ -28,6 +28,8 @@ class Provider:
         measured case of the same series, and gives the GFLOP/s column.
     missing(): why the provider cannot run here (package not importable), or None.
     needs_cuda: Triton backends; reported as skipped on CPU.
+    gflops: a rough forward+backward rate on a 2-core CPU, only used to estimate run times
+        before anything has been measured (the plan printed before a run).
     """
 
     name: str
@@ -36,6 +38,7 @@ class Provider:
     cost: Callable[[dict], float]
     missing: Callable[[], Optional[str]] = lambda: None
     needs_cuda: bool = False
+    gflops: float = 30.0
 
 
 @dataclass(frozen=True)

@@ -1,26 +1,33 @@
 """Timing and memory protocol for one configuration (runs inside the worker process).
 
-Protocol, the same for every provider:
+Memory (``phase="memory"``, or the first half of ``phase="both"``): glibc in ``exact_rss_mode``
+(see ``memory.py``), one warm-up forward+backward call (one-time costs: thread pools, kernel
+caches and the ``.grad`` buffers of inputs/parameters, which then stay allocated like in a
+training loop), then one forward+backward call measured by ``memory.peak_extra_bytes``.
 
-1. warm-up: one forward+backward call (one-time costs: thread pools, kernel caches and the
-   ``.grad`` buffers of inputs/parameters, which then stay allocated like in a training loop);
-2. peak memory: one forward+backward call measured by ``memory.peak_extra_bytes`` (on CPU with
-   glibc in ``exact_rss_mode``, see ``memory.py``);
-3. a second warm-up call after switching glibc to ``caching_mode`` (ordinary steady state),
-   left out when a call takes longer than ``budget_s`` (filling the allocator's cache then
-   costs a negligible share of the call);
-4. forward time: median of ``n`` forward calls (autograd recording, as in a training step);
-5. forward+backward time: median of ``n`` forward+backward calls.
+Time (``phase="time"``, or the second half of ``phase="both"``), with the allocator a user's
+process has: ``allocator="default"`` leaves glibc as it starts (the timing then runs in a
+process of its own: ``exact_rss_mode`` cannot be undone); ``allocator="tuned"`` switches to
+``caching_mode`` after the memory phase (glibc's settled steady state, about 20% faster for LSH
+attention on CPU). A warm-up call (left out in ``both`` when the memory phase showed a call takes
+longer than ``budget_s``), then the median of ``n`` forward calls (autograd recording, as in a
+training step) and of ``n`` forward+backward calls. ``n`` is ``repeats``, reduced (to at least 1)
+when the warm-up shows that ``repeats`` calls would take longer than ``budget_s``; when the
+warm-up alone takes longer than ``budget_s``, it is the measurement (its first-call costs are
+then a negligible share).
 
-``n`` is ``repeats``, reduced (to at least 1) when the warm-ups show that ``repeats`` calls
-would take longer than ``budget_s``. CUDA calls are synchronised before reading the clock.
+Single call (``single_call=True``, the ``--long`` preset where one call takes minutes): the
+``.grad`` buffers are allocated up front (``Workload.leaves``) instead of by a warm-up, and one
+forward+backward call in ``exact_rss_mode`` gives both the peak memory and the time.
+
+CUDA calls are synchronised before reading the clock.
 """
 from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -37,6 +44,13 @@ class Workload:
     """
 
     forward: Callable[[], Tensor]
+    leaves: Sequence[Tensor] = field(default_factory=list)
+
+    def allocate_grads(self) -> None:
+        """Give every leaf that requires grad a zero ``.grad`` (what a warm-up call leaves behind)."""
+        for t in self.leaves:
+            if t.requires_grad and t.grad is None:
+                t.grad = torch.zeros_like(t)
 
 
 def _sync(device: torch.device) -> None:
@@ -71,21 +85,53 @@ def training_step(workload: Workload, seed: int = 0) -> Callable[[], None]:
     return step
 
 
-def measure(workload: Workload, device: torch.device, repeats: int, budget_s: float) -> dict:
-    """Runs the protocol above; returns ``time_fwd_ms``, ``time_fwdbwd_ms``, ``peak_mem_mib``,
-    ``repeats`` (the ``n`` used) and ``warmup_ms``."""
-    step = training_step(workload)
-    exact_rss_mode()
-    warmup_ms = _median_ms(step, device, 1)
-    peak = peak_extra_bytes(step, device)
-    caching_mode()
-    if warmup_ms < budget_s * 1e3:
+ALLOCATORS = ("default", "tuned")
+PHASES = ("both", "memory", "time")
+
+
+def _timing(workload: Workload, step: Callable[[], None], device: torch.device, repeats: int, budget_s: float,
+            warmup_ms: Optional[float], time_forward: bool) -> dict:
+    """The time phase; ``warmup_ms``: an earlier call's time in this process (None: none yet)."""
+    if warmup_ms is None or warmup_ms < budget_s * 1e3:
         warmup_ms = _median_ms(step, device, 1)
+        if warmup_ms >= budget_s * 1e3:  # one call is over the budget: the warm-up is the measurement
+            fwd = _median_ms(workload.forward, device, 1) if time_forward else None
+            return {"time_fwd_ms": fwd, "time_fwdbwd_ms": warmup_ms, "repeats": 1, "warmup_ms": warmup_ms}
     n = max(1, min(repeats, int(budget_s * 1e3 / max(warmup_ms, 1e-3))))
     return {
-        "time_fwd_ms": _median_ms(workload.forward, device, n),
+        "time_fwd_ms": _median_ms(workload.forward, device, n) if time_forward else None,
         "time_fwdbwd_ms": _median_ms(step, device, n),
-        "peak_mem_mib": peak / MIB,
         "repeats": n,
         "warmup_ms": warmup_ms,
     }
+
+
+def measure(workload: Workload, device: torch.device, repeats: int, budget_s: float, *, phase: str = "both",
+            allocator: str = "tuned", single_call: bool = False, time_forward: bool = True) -> dict:
+    """Runs the protocol above; returns ``time_fwd_ms``, ``time_fwdbwd_ms``, ``peak_mem_mib``
+    (those of the phase run; the others None), ``repeats`` (the ``n`` used) and ``warmup_ms``."""
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    if allocator not in ALLOCATORS:
+        raise ValueError(f"allocator must be one of {ALLOCATORS}, got {allocator!r}")
+    if phase == "both" and allocator == "default" and not single_call:
+        raise ValueError("allocator='default' times in a process of its own: run phase='memory' and phase='time'")
+    step = training_step(workload)
+    result = {"time_fwd_ms": None, "time_fwdbwd_ms": None, "peak_mem_mib": None, "repeats": 0, "warmup_ms": None}
+    if single_call:
+        exact_rss_mode()
+        workload.allocate_grads()
+        start = time.perf_counter()
+        peak = peak_extra_bytes(step, device)
+        ms = (time.perf_counter() - start) * 1e3
+        return dict(result, time_fwdbwd_ms=ms, peak_mem_mib=peak / MIB, repeats=1, warmup_ms=0.0)
+    warmup_ms = None
+    if phase in ("both", "memory"):
+        exact_rss_mode()
+        warmup_ms = _median_ms(step, device, 1)
+        result.update(peak_mem_mib=peak_extra_bytes(step, device) / MIB, warmup_ms=warmup_ms)
+    if phase in ("both", "time"):
+        if allocator == "tuned":
+            caching_mode()
+        result.update(_timing(workload, step, device, repeats, budget_s, warmup_ms, time_forward))
+    return result

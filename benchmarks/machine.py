@@ -53,7 +53,7 @@ def describe(device: str, dtype: str, quick: bool, threads: Optional[int] = None
     (None = torch's default)."""
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {
-        "command": " ".join([os.path.basename(sys.executable), "-m", "benchmarks", *sys.argv[1:]]),
+        "command": " ".join([os.path.basename(sys.executable), "-m", __package__, *sys.argv[1:]]),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
         "device": device,
@@ -64,7 +64,7 @@ def describe(device: str, dtype: str, quick: bool, threads: Optional[int] = None
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": _version("triton"),
-        "peers": {p: _version(p) for p in ("reformer_pytorch", "transformers")},
+        "peers": {p: _version(p) for p in ("reformer-pytorch", "transformers")},
         "quick": quick,
         "dtype": dtype,
         "memory_method": MEMORY_METHOD[device],
@@ -73,11 +73,13 @@ def describe(device: str, dtype: str, quick: bool, threads: Optional[int] = None
 
 def banner(meta: dict[str, Any], shapes: list[str]) -> str:
     lines = [
-        f"reformer benchmarks ({'quick' if meta['quick'] else 'full'}) | {meta['date']} | commit {meta['git_commit']}",
+        f"reformer benchmarks ({meta.get('preset', 'quick' if meta['quick'] else 'full')}) | {meta['date']} | "
+        f"commit {meta['git_commit']}",
         f"device {meta['device']} ({meta['device_name']}) | {meta['threads']} threads | RAM {meta['ram_gib']} GiB",
         f"python {meta['python']} | torch {meta['torch']} | triton {meta['triton']} | "
         + " | ".join(f"{k} {v}" for k, v in meta["peers"].items()),
-        f"dtype {meta['dtype']} | memory: {meta['memory_method']}",
+        f"dtype {meta['dtype']} | allocator (CPU timing): {meta.get('allocator', 'default')} | "
+        f"memory: {meta['memory_method']}",
         *shapes,
     ]
     width = max(map(len, lines))

@@ -14,7 +14,9 @@ Providers:
   ``(1, N, d_model)`` input; forward+backward of the layer alone.
 
 Sweeps: ``depth`` (memory versus depth at a fixed length, reversible or not), ``length``
-(versus sequence length at a fixed depth, chunked feed-forward on and off) and ``ffn``.
+(versus sequence length at a fixed depth, chunked feed-forward on and off), ``ffn`` and
+``long`` (``model --long``: one training step of a small reversible ReformerLM with LSH and
+axial positions at N = 1,048,576).
 
 FLOP formula (forward, used to predict run times and shown as GFLOP/s): ``2 * P * N`` for the
 ``P`` weights of the blocks, plus per layer the attention formula of ``attention.py``.
@@ -70,7 +72,7 @@ def _build_transformer(params: dict, device: torch.device) -> Workload:
     model = TransformerLM(params["vocab_size"], params["d_model"], params["n_heads"], params["d_ff"],
                           params["depth"], params["seq_len"]).to(device, getattr(torch, params["dtype"]))
     tokens = _tokens(params, device)
-    return Workload(lambda: model.loss(tokens))
+    return Workload(lambda: model.loss(tokens), leaves=list(model.parameters()))
 
 
 def _build_reformer(params: dict, device: torch.device) -> Workload:
@@ -80,10 +82,11 @@ def _build_reformer(params: dict, device: torch.device) -> Workload:
         vocab_size=params["vocab_size"], d_model=params["d_model"], n_heads=params["n_heads"],
         depth=params["depth"], d_ff=params["d_ff"], max_seq_len=params["seq_len"], attention=params["attention"],
         bucket_size=params["bucket_size"], n_hashes=params["n_hashes"], causal=True,
-        reversible=params["reversible"], ff_chunks=params["ff_chunks"], dropout=0.0)
+        reversible=params["reversible"], ff_chunks=params["ff_chunks"], dropout=0.0,
+        axial_shape=tuple(params["axial_shape"]) if params.get("axial_shape") else None)
     model = reformer.ReformerLM(config).to(device, getattr(torch, params["dtype"]))
     tokens = _tokens(params, device)
-    return Workload(lambda: model.loss(tokens))
+    return Workload(lambda: model.loss(tokens), leaves=list(model.parameters()))
 
 
 def _build_ffn(params: dict, device: torch.device) -> Workload:
@@ -95,7 +98,7 @@ def _build_ffn(params: dict, device: torch.device) -> Workload:
     gen = torch.Generator().manual_seed(1234)
     x = torch.randn(1, params["seq_len"], d, generator=gen).to(device, getattr(torch, params["dtype"]))
     x.requires_grad_()
-    return Workload(lambda: layer(x))
+    return Workload(lambda: layer(x), leaves=[x, *layer.parameters()])
 
 
 def _attention_params(params: dict) -> dict:
@@ -109,7 +112,8 @@ def model_flops(params: dict) -> float:
     d, n = params["d_model"], params["seq_len"]
     weights = params["depth"] * (4 * d * d + 2 * d * params["d_ff"])
     attn = lsh_flops if params.get("attention") == "lsh" else full_flops
-    return 2.0 * weights * n + params["depth"] * attn(_attention_params(params))
+    recompute = 2 if params.get("reversible") else 1  # reversible backward recomputes the forward
+    return recompute * (2.0 * weights * n + params["depth"] * attn(_attention_params(params)))
 
 
 def ffn_flops(params: dict) -> float:
@@ -117,16 +121,19 @@ def ffn_flops(params: dict) -> float:
     return 4.0 * params["seq_len"] * params["d_model"] * params["d_ff"]
 
 
-def model_bytes(params: dict) -> float:
-    """Saved activations per layer (all layers unless reversible) plus the logits."""
+def model_mem_bytes(params: dict) -> float:
+    """Saved activations per layer (all layers unless reversible) plus the logits; about 1.5x
+    the measured peak of a reversible LSH ReformerLM step (d_model 64, N = 4K..32K)."""
     n, d, heads = params["seq_len"], params["d_model"], params["n_heads"]
     if params.get("attention") == "lsh":
         attn = heads * n * 2 * params["bucket_size"] * 4 * 4
     else:
         attn = 3.5 * heads * n * n * 4
     per_layer = attn + n * (16 * d + 3 * params["d_ff"]) * 4
-    layers = 2 if params.get("reversible") else params["depth"]
-    return layers * per_layer + 3 * n * params["vocab_size"] * 4
+    # reversible: one layer's activations at a time; chunked loss: one chunk of logits at a time
+    layers = 1 if params.get("reversible") else params["depth"]
+    logit_chunks = params.get("ff_chunks", 1) if params.get("reversible") else 1
+    return layers * per_layer + 3 * n * params["vocab_size"] * 4 / max(1, logit_chunks)
 
 
 def ffn_bytes(params: dict) -> float:
@@ -137,10 +144,11 @@ def ffn_bytes(params: dict) -> float:
 
 _NEEDS_REFORMER_LM = requires("reformer:ReformerLM", "reformer:ReformerConfig", "reformer:LSHSelfAttention")
 PROVIDERS: dict[str, Provider] = {
-    "transformer": Provider("transformer", _build_transformer, model_bytes, model_flops,
-                            requires("reformer:EncoderLayer")),
-    "reformer_lm": Provider("reformer_lm", _build_reformer, model_bytes, model_flops, _NEEDS_REFORMER_LM),
-    "ffn": Provider("ffn", _build_ffn, ffn_bytes, ffn_flops, requires("reformer:ChunkedFeedForward")),
+    "transformer": Provider("transformer", _build_transformer, model_mem_bytes, model_flops,
+                            requires("reformer:EncoderLayer"), gflops=40),
+    "reformer_lm": Provider("reformer_lm", _build_reformer, model_mem_bytes, model_flops, _NEEDS_REFORMER_LM,
+                            gflops=30),
+    "ffn": Provider("ffn", _build_ffn, ffn_bytes, ffn_flops, requires("reformer:ChunkedFeedForward"), gflops=60),
 }
 
 
@@ -148,6 +156,14 @@ def _reformer_case(sweep: str, params: dict, *, reversible: bool, ff_chunks: int
     series = f"reformer_lm {'reversible' if reversible else 'plain'} ff_chunks={ff_chunks}"
     return Case(BENCHMARK, "reformer_lm", series,
                 dict(params, sweep=sweep, attention="lsh", reversible=reversible, ff_chunks=ff_chunks))
+
+
+def long_case(seq_len: int, axial_shape: Iterable[int], dims: dict[str, Any], dtype: str) -> Case:
+    """One training step of a reversible LSH ReformerLM with axial positions at ``seq_len``;
+    ``dims``: vocab_size, d_model, n_heads, d_ff, bucket_size, n_hashes, depth, ff_chunks."""
+    params = dict(dims, dtype=dtype, seq_len=seq_len, sweep="long", attention="lsh", reversible=True,
+                  axial_shape=list(axial_shape))
+    return Case(BENCHMARK, "reformer_lm", f"reformer_lm reversible axial ff_chunks={dims['ff_chunks']}", params)
 
 
 def plan(depths: Iterable[int], depth_len: int, lengths: Iterable[int], length_depth: int, ffn_len: int,
@@ -167,6 +183,6 @@ def plan(depths: Iterable[int], depth_len: int, lengths: Iterable[int], length_d
         for chunks in (1, ffn_chunks):
             cases.append(_reformer_case("length", params, reversible=True, ff_chunks=chunks))
     ffn = dict(seq_len=ffn_len, d_model=ffn_d_model, d_ff=ffn_d_ff, dtype=dtype, sweep="ffn")
-    for chunks in (1, ffn_chunks):
+    for chunks in (1, ffn_chunks) if ffn_len else ():
         cases.append(Case(BENCHMARK, "ffn", f"ffn ff_chunks={chunks}", dict(ffn, ff_chunks=chunks)))
     return cases

@@ -102,7 +102,7 @@ def plan(n_hashes: Iterable[int], bucket_sizes: Iterable[int], *, batch: int, he
          head_dim: int, seeds: int, top_k: int) -> list[Case]:
     base = dict(batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim, dtype="float32", seeds=seeds,
                 top_k=top_k)
-    return [Case(BENCHMARK, "lsh[torch]", f"{kind} bs={bs}", dict(base, input=kind, bucket_size=bs, n_hashes=h))
+    return [Case(BENCHMARK, "lsh-torch", f"{kind} bs={bs}", dict(base, input=kind, bucket_size=bs, n_hashes=h))
             for kind in INPUTS for bs in bucket_sizes for h in n_hashes]
 
 

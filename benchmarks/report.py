@@ -5,12 +5,13 @@
     {
       "schema_version": 1,
       "metadata": {"command", "date", "git_commit", "device", "device_name", "cpu", "threads",
-                   "ram_gib", "python", "torch", "triton", "quick", "dtype", "memory_method",
-                   "settings": {...every option of the run...}},
+                   "ram_gib", "python", "torch", "triton", "peers", "quick", "preset" ("quick" |
+                   "full" | "long"), "allocator" ("default" | "tuned" | "exact-rss (one call per
+                   case)"), "dtype", "memory_method", "settings": {...every option of the run...}},
       "records": [
         {"benchmark": "attention" | "model" | "quality",
-         "provider": str,             # implementation, e.g. "sdpa", "lsh[torch]", "reformer_lm"
-         "series": str,               # line in tables/plots, e.g. "lsh[torch] h=4"
+         "provider": str,             # implementation, e.g. "sdpa", "lsh-torch", "reformer_lm"
+         "series": str,               # line in tables/plots, e.g. "lsh-torch h=4"
          "params": {...},             # shapes and settings: seq_len, batch, heads, head_dim,
                                       #   dtype, causal, bucket_size, n_hashes, depth, sweep, ...
          "status": "ok" | "skipped" | "unavailable" | "timeout" | "error",
@@ -20,6 +21,9 @@
          "peak_mem_mib": float | null,    # peak extra memory of forward+backward, MiB
          "repeats": int,              # timed calls per median        (measured cases)
          "warmup_ms": float,          # the warm-up call              (measured cases)
+         "allocator": str,            # glibc mode the time was taken in (measured cases)
+         "ratio_to_first": float,     # time_fwdbwd / that of the series' first measured case
+         "first_seq_len": int,        #   ... which ran at this N       (measured cases)
          "est_mem_mib": float,        # the estimate used for skipping (attention, model)
          "flops_fwd": float,          # forward FLOPs by the documented formula (attention, model)
          "gflops_fwdbwd": float,      # 3.5 * flops_fwd / time_fwdbwd  (measured attention, model)
@@ -65,7 +69,7 @@ def _fmt(value: Any) -> str:
 def _cell(record: dict[str, Any], key: str) -> str:
     """A measured value, or a short reason when the case did not run."""
     if record["status"] == "ok":
-        return _fmt(record[key])
+        return _fmt(record.get(key))
     note = record["note"]
     if record["status"] == "skipped":
         short = note.split(" >")[0] if note.startswith("est. ") else note if note == "needs CUDA" else ""
@@ -82,8 +86,14 @@ def attention_tables(records: list[dict[str, Any]], markdown: bool = False) -> s
     series = list(dict.fromkeys(r["series"] for r in records))
     by_key = {(r["series"], r["params"]["seq_len"]): r for r in records}
     blocks = []
-    for key, title in (("time_fwdbwd_ms", "forward+backward time (ms)"), ("time_fwd_ms", "forward time (ms)"),
-                       ("peak_mem_mib", "peak extra memory, forward+backward (MiB)")):
+    allocators = sorted({r["allocator"] for r in records if r.get("allocator")})
+    timed = f" [allocator: {', '.join(allocators)}]" if allocators else ""
+    tables = [("time_fwdbwd_ms", f"forward+backward time (ms){timed}"), ("time_fwd_ms", f"forward time (ms){timed}"),
+              ("peak_mem_mib", "peak extra memory, forward+backward (MiB)"),
+              ("ratio_to_first", "forward+backward time / time at the series' first measured N")]
+    for key, title in tables:
+        if not any(r.get(key) is not None for r in records):
+            continue
         rows = [[s] + [_cell(by_key[(s, n)], key) if (s, n) in by_key else "" for n in lengths] for s in series]
         blocks.append(f"{title}\n" + render(["provider"] + [f"N={n}" for n in lengths], rows, markdown))
     return "\n\n".join(blocks) + "\n\n" + _notes(records)

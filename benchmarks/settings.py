@@ -1,11 +1,16 @@
-"""What each sub-benchmark runs in ``--quick`` and in full mode (command-line flags override).
+"""What each sub-benchmark runs in each preset (command-line flags override).
 
-``--quick`` is sized to finish in about 3 minutes on a 2-core CPU and still show where LSH
-attention overtakes naive full attention and SDPA: N from 256 (where naive attention still
-wins) to 8192 (the longest length at which naive attention runs in seconds), n_hashes=4, no
-peers. Full mode follows the LSH issue (B=1, H=8,
-D=64, bucket_size=64, float32, N up to 65536) and the building-blocks issue (training step at
-N=4096 versus depth; feed-forward at N=16384, d_ff=4096, chunks 1 vs 8).
+- ``--quick`` (about 3 minutes on a 2-core CPU): attention from N=256 (where naive attention
+  still wins) to N=8192 (the longest length at which naive attention runs in seconds), n_hashes=4,
+  no peers; a small depth sweep and feed-forward step; a small quality sweep.
+- full (the default, ``make bench``; sized to finish within 20 minutes on a 2-core CPU):
+  attention B=1, H=8, D=64, bucket_size=64, float32 from N=1024 to 32768 with n_hashes 2, 4, 8
+  and the peers at n_hashes=4; training-step memory versus depth (1-8) at N=2048, versus length
+  (1K-16K) at depth 2, and the chunked feed-forward step at N=16384 (d_ff 4096, chunks 1 vs 8);
+  quality versus n_hashes at N=2048. Larger sweeps: ``--lengths``, ``--depths``, ``--n-hashes``.
+- ``--long``: LSH attention (torch backend, n_hashes=4) at 32K, 128K and 1M tokens, one call per
+  case with the time ratio to the first length (``attention --long``), and one training step of
+  a reversible ReformerLM at N=1M (``model --long``).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ class AttentionSettings:
     head_dim: int = 64
     bucket_size: int = 64
     causal: bool = False
+    providers: tuple[str, ...] = ()  # default provider patterns of the preset (empty: all)
 
 
 @dataclass(frozen=True)
@@ -29,7 +35,8 @@ class ModelSettings:
     """depths at ``depth_len``; ``lengths`` at ``length_depth``; the feed-forward step at
     ``ffn_len`` x ``ffn_d_model`` with hidden ``ffn_d_ff``, 1 vs ``ff_chunks`` chunks (which
     the ReformerLM cases also use). ``dims``: the models' shared sizes. ``sweeps``: which of
-    the three to run."""
+    ``depth``, ``length``, ``ffn`` and ``long`` (one reversible ReformerLM step at ``long_len``
+    with axial positions ``long_axial``) to run."""
 
     depths: tuple[int, ...]
     depth_len: int
@@ -41,6 +48,10 @@ class ModelSettings:
     ff_chunks: int
     dims: dict = field(default_factory=dict)
     sweeps: tuple[str, ...] = ("depth", "length", "ffn")
+    long_len: int = 2**20
+    long_axial: tuple[int, ...] = (1024, 1024)
+    long_dims: dict = field(default_factory=lambda: dict(vocab_size=256, d_model=64, n_heads=2, d_ff=256,
+                                                         bucket_size=64, n_hashes=2, depth=2, ff_chunks=16))
 
 
 @dataclass(frozen=True)
@@ -57,7 +68,9 @@ class QualitySettings:
 
 @dataclass(frozen=True)
 class Settings:
-    """repeats, budget_s, max_call_s, timeout_s: see ``runner.RunOptions``."""
+    """repeats, budget_s, max_call_s, timeout_s: see ``runner.RunOptions``. ``single_call``: one
+    forward+backward call per case measures both time and memory (the ``--long`` preset, where
+    one call takes minutes)."""
 
     attention: AttentionSettings
     model: ModelSettings
@@ -66,7 +79,11 @@ class Settings:
     budget_s: float
     max_call_s: float
     timeout_s: float
+    single_call: bool = False
+    max_call_s_by_provider: dict = field(default_factory=dict)
 
+
+_MODEL_DIMS = dict(vocab_size=256, d_model=256, n_heads=4, d_ff=1024, bucket_size=64, n_hashes=4)
 
 QUICK = Settings(
     attention=AttentionSettings(lengths=(256, 512, 1024, 2048, 4096, 8192), n_hashes=(4,), peer_hashes=()),
@@ -78,12 +95,20 @@ QUICK = Settings(
 )
 
 FULL = Settings(
-    attention=AttentionSettings(lengths=(256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536),
-                                n_hashes=(1, 2, 4, 8),
-                                peer_hashes=(4, 8)),
-    model=ModelSettings(depths=(2, 4, 8, 12), depth_len=4096, lengths=(1024, 2048, 4096, 8192, 16384),
-                        length_depth=4, ffn_len=16384, ffn_d_model=512, ffn_d_ff=4096, ff_chunks=8,
-                        dims=dict(vocab_size=256, d_model=256, n_heads=4, d_ff=1024, bucket_size=64, n_hashes=4)),
-    quality=QualitySettings(seq_len=2048, heads=4, bucket_sizes=(32, 64, 128), n_hashes=(1, 2, 4, 8), seeds=3),
-    repeats=5, budget_s=10.0, max_call_s=600.0, timeout_s=1800.0,
+    attention=AttentionSettings(lengths=(1024, 2048, 4096, 8192, 16384, 32768), n_hashes=(2, 4, 8),
+                                peer_hashes=(4,)),
+    model=ModelSettings(depths=(1, 2, 4, 8), depth_len=2048, lengths=(1024, 4096, 16384), length_depth=2,
+                        ffn_len=16384, ffn_d_model=512, ffn_d_ff=4096, ff_chunks=8, dims=_MODEL_DIMS),
+    quality=QualitySettings(seq_len=2048, heads=2, bucket_sizes=(32, 64), n_hashes=(1, 2, 4, 8), seeds=2),
+    repeats=3, budget_s=4.0, max_call_s=20.0, timeout_s=900.0,
+)
+
+LONG = Settings(
+    attention=AttentionSettings(lengths=(32768, 131072, 1048576), n_hashes=(4,), peer_hashes=(),
+                                providers=("naive", "sdpa", "lsh-torch")),
+    model=ModelSettings(depths=(), depth_len=0, lengths=(), length_depth=2, ffn_len=0, ffn_d_model=0, ffn_d_ff=0,
+                        ff_chunks=16, dims={}, sweeps=("long",)),
+    quality=QUICK.quality,
+    repeats=1, budget_s=0.0, max_call_s=4 * 3600.0, timeout_s=4 * 3600.0, single_call=True,
+    max_call_s_by_provider={"naive": 120.0, "sdpa": 120.0},
 )

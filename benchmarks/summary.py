@@ -19,7 +19,7 @@ def _ok(records: list[dict], series: str, key: str = "time_fwdbwd_ms") -> dict[i
 
 def lsh_series(records: list[dict]) -> Optional[str]:
     """The LSH line the headline uses: the Triton backend when it ran, else the torch one."""
-    for name in (f"lsh[triton] h={LSH_HASHES}", f"lsh[torch] h={LSH_HASHES}"):
+    for name in (f"lsh-triton h={LSH_HASHES}", f"lsh-torch h={LSH_HASHES}"):
         if _ok(records, name):
             return name
     return None

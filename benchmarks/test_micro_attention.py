@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks import attention, model
-from benchmarks.harness import training_step
+from . import attention, model
+from .harness import training_step
 
 CPU = torch.device("cpu")
 ATTN = dict(batch=1, heads=8, head_dim=64, dtype="float32", causal=False, bucket_size=64, n_hashes=4)
@@ -26,7 +26,7 @@ def _workload(providers: dict, name: str, params: dict):
 
 
 @pytest.mark.parametrize("seq_len", [1024, 4096])
-@pytest.mark.parametrize("name", ["naive", "sdpa", "lsh[torch]"])
+@pytest.mark.parametrize("name", ["naive", "sdpa", "lsh-torch"])
 def test_attention_fwd_bwd(benchmark, name, seq_len):
     benchmark.group = f"attention fwd+bwd N={seq_len}"
     if name == "naive" and seq_len > 2048:

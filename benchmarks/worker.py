@@ -4,7 +4,9 @@ that configuration, and a hung one is stopped by a timeout.
 
 ``run_case`` (parent side) starts ``python -m benchmarks.worker``, sends the case as JSON on
 stdin and reads one JSON result line back; ``main`` (child side) builds the workload and runs
-``harness.measure``.
+``harness.measure``. With the default allocator a case takes two processes (memory, then
+time; see ``harness``), with ``tuned`` or ``single_call`` one. The worker has no memory limit
+of its own: cases estimated above the run's limit are skipped before they start.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Optional
@@ -37,23 +40,38 @@ def _error_note(proc: subprocess.CompletedProcess) -> str:
     return lines[-1][:300] if lines else f"worker exited with code {proc.returncode}"
 
 
-def run_case(case: Case, *, device: str, repeats: int, budget_s: float, timeout_s: float,
-             threads: Optional[int] = None) -> dict[str, Any]:
-    """Runs one case in a fresh process; returns its record (``ok``, ``timeout`` or ``error``)."""
-    spec = {"case": dataclasses.asdict(case), "device": device, "repeats": repeats, "budget_s": budget_s,
-            "threads": threads}
+def _run_phase(case: Case, spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")])))
     try:
         proc = subprocess.run([sys.executable, "-m", f"{__package__}.worker"], input=json.dumps(spec),
                               capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
-        return make_record(case, "timeout", f"> {timeout_s:.0f} s")
+        return {"status": "timeout", "note": f"> {timeout_s:.0f} s"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
-            result = json.loads(line[len(RESULT_PREFIX):])
-            status, note = result.pop("status"), result.pop("note")
-            return make_record(case, status, note, **result)
-    return make_record(case, "error", _error_note(proc))
+            return json.loads(line[len(RESULT_PREFIX):])
+    return {"status": "error", "note": _error_note(proc)}
+
+
+def run_case(case: Case, *, device: str, repeats: int, budget_s: float, timeout_s: float,
+             threads: Optional[int] = None, allocator: str = "default", single_call: bool = False,
+             time_forward: bool = True) -> dict[str, Any]:
+    """Runs one case in fresh processes; returns its record (``ok``, ``timeout`` or ``error``)
+    with ``allocator`` ("default", "tuned" or "exact-rss" for a single call) set."""
+    spec = {"case": dataclasses.asdict(case), "device": device, "repeats": repeats, "budget_s": budget_s,
+            "threads": threads, "allocator": allocator, "single_call": single_call, "time_forward": time_forward}
+    phases = ["memory", "time"] if allocator == "default" and not single_call else ["both"]
+    merged: dict[str, Any] = {}
+    deadline = time.monotonic() + timeout_s
+    for phase in phases:
+        result = _run_phase(case, dict(spec, phase=phase), max(1.0, deadline - time.monotonic()))
+        if result["status"] != "ok":
+            if result["status"] == "timeout":
+                result["note"] = f"> {timeout_s:.0f} s"
+            return make_record(case, result["status"], result["note"])
+        merged.update({k: v for k, v in result.items() if v is not None or k not in merged})
+    merged.pop("status"), merged.pop("note")
+    return make_record(case, "ok", "", allocator="exact-rss" if single_call else allocator, **merged)
 
 
 def main() -> None:
@@ -69,7 +87,10 @@ def main() -> None:
     device = torch.device(spec["device"])
     try:
         workload = load_provider(case).build(case.params, device)
-        result = {"status": "ok", "note": "", **measure(workload, device, spec["repeats"], spec["budget_s"])}
+        values = measure(workload, device, spec["repeats"], spec["budget_s"], phase=spec.get("phase", "both"),
+                         allocator=spec.get("allocator", "tuned"), single_call=spec.get("single_call", False),
+                         time_forward=spec.get("time_forward", True))
+        result = {"status": "ok", "note": "", **values}
     except Exception as exc:  # reported as an "error" record, the suite goes on
         traceback.print_exc()
         result = {"status": "error", "note": f"{type(exc).__name__}: {exc}"[:300]}

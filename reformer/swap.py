@@ -7,21 +7,31 @@
   blocks into a ``ReversibleSequence``.
 
 Each returns or prints a :class:`SwapReport` naming every module it touched or left alone, and why.
+
+Hugging Face ``transformers`` models remember what was swapped in ``config.reformer_swap`` (saved
+in ``config.json`` by ``save_pretrained``); :func:`load_swapped` loads such a checkpoint back
+exactly (see ``docs/huggingface.md``).
 """
 from __future__ import annotations
 
 import fnmatch
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
+from ._validation import check_seed
+from .kernels._checks import check_positive_int
+from .kernels.hashing import check_n_buckets
 from .lsh_attention import LSHMultiheadAttention
 from .positional import AxialPositionalEncoding, SinusoidalPositionalEncoding
-from .swap_hf import is_hf_model, swap_hf_attention
+from .swap_hf import is_hf_attention, is_hf_model, load_swapped, record_swap, swap_hf_attention
+
+__all__ = ["swap_attention", "swap_positional", "load_swapped", "SwapReport", "SwapEntry", "AxialPositionEmbedding"]
 
 ATTENTIONS = ("lsh",)
+CAUSAL_MODES = ("bucket", "chunk")
 POSITIONAL_EMBEDDING_NAMES = ("wpe", "position_embeddings", "pos_emb", "pos_embedding", "positional_embedding",
                               "embed_positions")
 
@@ -76,6 +86,17 @@ def _matches(name: str, patterns: Optional[Iterable[str]]) -> bool:
     return patterns is not None and any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def _patterns(arg: str, value: object) -> Optional[tuple[str, ...]]:
+    """``None``, one glob string, or a sequence of glob strings -> a tuple of globs (or None)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(p, str) for p in value):
+        return tuple(value)
+    raise TypeError(f"{arg} must be a glob string or a sequence of glob strings, got {value!r}")
+
+
 def _cross_attention_reason(parent: nn.Module, attr: str, mha: nn.MultiheadAttention) -> Optional[str]:
     """Why ``parent.attr`` is cross-attention, or None when it is taken as self-attention."""
     if isinstance(parent, nn.TransformerDecoderLayer) and attr == "multihead_attn":
@@ -93,9 +114,11 @@ def swap_attention(
     attention: str = "lsh",
     bucket_size: int = 64,
     n_hashes: int = 4,
-    seed: Optional[int] = None,
-    include: Optional[Sequence[str]] = None,
-    exclude: Optional[Sequence[str]] = None,
+    seed: Optional[int] = 0,
+    include: Union[str, Sequence[str], None] = None,
+    exclude: Union[str, Sequence[str], None] = None,
+    n_buckets: Union[int, tuple[int, int], None] = None,
+    causal_mode: str = "bucket",
 ) -> SwapReport:
     """Replace, in place, each self-attention ``nn.MultiheadAttention`` of ``model`` by
     ``LSHMultiheadAttention.from_torch(mha, bucket_size=..., n_hashes=..., seed=...)``.
@@ -105,10 +128,19 @@ def swap_attention(
     becomes the shared query/key projection, the value and output projections are kept and the
     key projection is dropped. ``batch_first``, device and dtype are kept.
 
+    ``n_buckets`` and ``causal_mode`` are ``lsh_attention``'s (``None``: the automatic bucket
+    rule; ``"bucket"``: causal attention within a query's own bucket, no output depends on a later
+    token; ``"chunk"``: the chunked look-back, exact causal attention when ``bucket_size >= N``).
+
+    Seeds: the ``k``-th swapped module (in ``model.named_modules()`` order) gets ``seed + k``,
+    which fixes its LSH rotations in eval mode, so eval outputs are reproducible by default
+    (``seed=0``). Training forwards always draw fresh rotations. ``seed=None`` gives fresh
+    rotations on every eval call too.
+
     Which modules are self-attention (the rule, applied in this order):
 
-    1. names (as in ``model.named_modules()``) matching a glob in ``exclude`` are skipped;
-       with ``include`` given, only names matching one of its globs are considered;
+    1. names (as in ``model.named_modules()``) matching ``exclude`` (a glob string or a sequence
+       of globs) are skipped; with ``include`` given, only names matching it are considered;
     2. ``nn.TransformerDecoderLayer.multihead_attn`` is cross-attention: skipped;
     3. a module with ``kdim``/``vdim`` different from ``embed_dim`` is cross-attention: skipped;
     4. a module whose attribute name contains ``"cross"`` is cross-attention: skipped;
@@ -122,7 +154,14 @@ def swap_attention(
 
     Hugging Face ``transformers`` models (GPT-2, BERT, ...) have no ``nn.MultiheadAttention``:
     their self-attention modules are switched to LSH through ``transformers``' attention
-    interface instead, cross-attention keeps full attention (see ``reformer.swap_hf``).
+    interface instead, cross-attention keeps full attention (see ``reformer.swap_hf``). The
+    settings are recorded in ``model.config.reformer_swap`` so that ``save_pretrained`` followed
+    by :func:`load_swapped` gives the same model back.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``; ``include``/``exclude`` are not globs;
+            ``seed``, ``bucket_size`` or ``n_hashes`` are not ints.
+        ValueError: unknown ``attention``; non-positive ``bucket_size``/``n_hashes``; nothing to swap.
 
     Returns:
         a :class:`SwapReport` listing the swapped and the skipped modules with reasons.
@@ -131,22 +170,60 @@ def swap_attention(
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    include, exclude = _patterns("include", include), _patterns("exclude", exclude)
+    _check_int("bucket_size", bucket_size)
+    _check_int("n_hashes", n_hashes)
+    check_positive_int("bucket_size", bucket_size)
+    check_positive_int("n_hashes", n_hashes)
+    check_seed(seed)
+    lsh = dict(bucket_size=bucket_size, n_hashes=n_hashes, n_buckets=n_buckets, causal_mode=causal_mode)
+    if n_buckets is not None:
+        lsh["n_buckets"] = check_n_buckets(n_buckets)
+    if not isinstance(causal_mode, str):
+        raise TypeError(f"causal_mode must be a string, got {causal_mode!r}")
+    if causal_mode not in CAUSAL_MODES:
+        raise ValueError(f"causal_mode must be one of {CAUSAL_MODES}, got {causal_mode!r}")
 
     def selected(name: str) -> bool:
         return not _matches(name, exclude) and (include is None or _matches(name, include))
 
+    if include is not None:
+        candidates = [name for name, module in model.named_modules()
+                      if isinstance(module, nn.MultiheadAttention) or (is_hf_model(model) and is_hf_attention(module))]
+        if candidates and not any(_matches(name, include) for name in candidates):
+            raise ValueError(f"include={list(include)} matches no attention module; the globs match qualified "
+                             f"names such as {', '.join(map(repr, candidates[:3]))} (e.g. '*self_attn')")
+    seeds = _SeedCounter(seed)
     report = SwapReport("swap_attention")
-    _swap_torch_attention(model, report, bucket_size=bucket_size, n_hashes=n_hashes, seed=seed, selected=selected)
+    _swap_torch_attention(model, report, lsh=lsh, seeds=seeds, selected=selected)
     if is_hf_model(model):
-        swap_hf_attention(model, report, bucket_size=bucket_size, n_hashes=n_hashes, seed=seed, selected=selected)
+        swap_hf_attention(model, report, lsh=lsh, seeds=seeds, selected=selected)
     if not report.entries:
         raise ValueError(f"{type(model).__name__} has no torch.nn.MultiheadAttention "
                          "(nor Hugging Face attention) to swap")
     return report
 
 
-def _swap_torch_attention(model: nn.Module, report: SwapReport, *, bucket_size: int, n_hashes: int,
-                          seed: Optional[int], selected: Callable[[str], bool]) -> None:
+def _check_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+
+
+class _SeedCounter:
+    """``next()`` gives ``seed + k`` for the ``k``-th call (None when ``seed`` is None)."""
+
+    def __init__(self, seed: Optional[int]):
+        self.seed, self.count = seed, 0
+
+    def next(self) -> Optional[int]:
+        if self.seed is None:
+            return None
+        self.count += 1
+        return self.seed + self.count - 1
+
+
+def _swap_torch_attention(model: nn.Module, report: SwapReport, *, lsh: dict[str, Any],
+                          seeds: _SeedCounter, selected: Callable[[str], bool]) -> None:
     """The ``nn.MultiheadAttention`` part of :func:`swap_attention`."""
     for name, parent, attr, mha in _named_children_of_type(model, nn.MultiheadAttention):
         if not selected(name):
@@ -156,11 +233,12 @@ def _swap_torch_attention(model: nn.Module, report: SwapReport, *, bucket_size: 
         if reason is not None:
             report.add(name, "skipped", reason)
             continue
-        new = LSHMultiheadAttention.from_torch(mha, bucket_size=bucket_size, n_hashes=n_hashes, seed=seed)
+        seed = seeds.next()
+        new = LSHMultiheadAttention.from_torch(mha, seed=seed, **lsh)
         new.train(mha.training)
         setattr(parent, attr, new)
-        report.add(name, "swapped", f"nn.MultiheadAttention -> LSHMultiheadAttention (bucket_size={bucket_size}, "
-                                    f"n_hashes={n_hashes}, shared-QK from the query projection)")
+        report.add(name, "swapped", f"nn.MultiheadAttention -> LSHMultiheadAttention (bucket_size={lsh['bucket_size']}, "
+                                    f"n_hashes={lsh['n_hashes']}, seed={seed}, shared-QK from the query projection)")
     for name, encoder in model.named_modules():
         if not isinstance(encoder, nn.TransformerEncoder):
             continue
@@ -210,7 +288,7 @@ def swap_positional(
     axial_shape: Sequence[int],
     *,
     axial_dims: Optional[Sequence[int]] = None,
-    names: Optional[Sequence[str]] = None,
+    names: Union[str, Sequence[str], None] = None,
 ) -> SwapReport:
     """Replace, in place, positional encodings of ``model`` by learned axial positions.
 
@@ -218,8 +296,15 @@ def swap_positional(
     which is also added to ``(B, N, d_model)`` inputs) and every ``nn.Embedding`` whose
     attribute name is one of ``POSITIONAL_EMBEDDING_NAMES`` (replaced by
     :class:`AxialPositionEmbedding`, which is also indexed by position ids). ``names`` (globs on
-    qualified names) overrides that choice. The axial tables are new parameters: fine-tune after.
+    qualified names; one string or a sequence) overrides that choice. The axial tables are new
+    parameters: fine-tune after. On a Hugging Face model the swap is recorded in
+    ``model.config.reformer_swap`` (see :func:`load_swapped`).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    names = _patterns("names", names)
+    if isinstance(axial_shape, (str, bytes)) or not isinstance(axial_shape, Sequence):
+        raise TypeError(f"axial_shape must be a sequence of ints, got {axial_shape!r}")
     report = SwapReport("swap_positional")
     for name, parent, attr, module in _named_children_of_type(model, (SinusoidalPositionalEncoding, nn.Embedding)):
         chosen = _matches(name, names) if names is not None else (
@@ -231,6 +316,10 @@ def swap_positional(
         ref = next(module.parameters(), None) if isinstance(module, nn.Embedding) else module.pe
         setattr(parent, attr, new.to(device=ref.device, dtype=ref.dtype))
         report.add(name, "swapped", note)
+        if is_hf_model(model):
+            record_swap(model, "positional", name, {"axial_shape": [int(n) for n in axial_shape],
+                                                    "axial_dims": None if axial_dims is None else
+                                                    [int(d) for d in axial_dims]})
     if not report.swapped:
         raise ValueError(f"no positional encoding found to swap in {type(model).__name__}\n{report}")
     return report

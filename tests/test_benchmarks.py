@@ -3,7 +3,12 @@ schema, the CPU peak-memory method and a small end-to-end run of each sub-benchm
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
 import json
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +16,8 @@ import torch
 from benchmarks import attention, cli, memory, quality, summary
 from benchmarks.cases import Case, Provider, make_record
 from benchmarks.harness import Workload, measure
-from benchmarks.runner import RunOptions, _SeriesHistory, preflight, run_cases
-from benchmarks.settings import QUICK
+from benchmarks.runner import RunOptions, _SeriesHistory, estimate, plan_lines, preflight, run_cases
+from benchmarks.settings import FULL, QUICK
 from benchmarks.worker import run_case
 
 MIB = 2**20
@@ -32,28 +37,135 @@ def test_parse_defaults_and_overrides():
                            "--repeats", "2", "--device", "cpu", "--providers", "sdpa", "lsh*"])
     s = cli.settings_from_args(args)
     assert args.benchmark == "attention" and args.quick and args.providers == ["sdpa", "lsh*"]
+    assert args.allocator == "default"  # time what a user's process gets unless asked otherwise
     assert s.attention.lengths == (128, 256) and s.attention.n_hashes == (2,) and s.attention.heads == 4
     assert s.repeats == 2 and s.attention.head_dim == QUICK.attention.head_dim  # untouched fields keep the preset
     full = cli.settings_from_args(cli.parse_args(["all"]))
-    assert max(full.attention.lengths) == 65536 and full.model.depths == (2, 4, 8, 12)
+    assert full == FULL and max(full.attention.lengths) == 32768
     depth_only = cli.settings_from_args(cli.parse_args(["model", "--sweeps", "depth", "--depths", "2", "12"]))
     assert {c.params["sweep"] for c in cli.plan("model", depth_only, "float32")} == {"depth"}
     assert {c.params["depth"] for c in cli.plan("model", depth_only, "float32")} == {2, 12}
+    assert cli.parse_args(["attention", "--allocator", "tuned"]).allocator == "tuned"
+
+
+def test_long_presets():
+    long = cli.settings_from_args(cli.parse_args(["attention", "--long"]))
+    assert long.attention.lengths == (32768, 131072, 1048576) and long.attention.n_hashes == (4,)
+    assert long.single_call and long.attention.providers == ("naive", "sdpa", "lsh-torch")
+    cases = cli.select(cli.plan("attention", long, "float32"), long.attention.providers)
+    assert {c.series for c in cases} == {"naive", "sdpa", "lsh-torch h=4"}
+    assert all(c.params["bucket_size"] == 64 for c in cases if c.provider == "lsh-torch")
+    step = cli.plan("model", cli.settings_from_args(cli.parse_args(["model", "--long"])), "float32")
+    assert len(step) == 1 and step[0].params["seq_len"] == 2**20 and step[0].params["reversible"]
+    assert step[0].params["axial_shape"] == [1024, 1024] and step[0].params["depth"] == 2
+    with pytest.raises(SystemExit):
+        cli.parse_args(["attention", "--long", "--quick"])
 
 
 @pytest.mark.parametrize("argv", [["nonsense"], ["attention", "--lengths", "0"], ["model", "--repeats", "-1"],
-                                  ["attention", "--dtype", "int8"], ["model", "--sweeps", "width"], []])
+                                  ["attention", "--dtype", "int8"], ["model", "--sweeps", "width"], [],
+                                  ["quality", "--lengths", "128"], ["attention", "--allocator", "jemalloc"]])
 def test_parse_rejects_bad_arguments(argv):
     with pytest.raises(SystemExit):
         cli.parse_args(argv)
 
 
+def test_subcommand_help_shows_only_its_options(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["attention", "--help"])
+    text = capsys.readouterr().out
+    assert "--lengths" in text and "--long" in text and "--depths" not in text and "--sweeps" not in text
+    for name in attention.PROVIDERS:  # provider names are listed
+        assert name in text
+    with pytest.raises(SystemExit):
+        cli.parse_args(["model", "--help"])
+    text = capsys.readouterr().out
+    assert "--depths" in text and "--lengths" not in text and "reformer_lm" in text
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for command in ("attention", "model", "quality", "all", "generate", "gpu-check"):
+        assert command in text
+
+
+def test_quick_duration_in_help_matches_readme(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["all", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"about {cli.QUICK_MINUTES} minutes" in text
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"about {cli.QUICK_MINUTES} minutes" in " ".join(readme.split())
+
+
+@pytest.mark.parametrize("command, module", [("generate", "generate"), ("gpu-check", "gpu_check")])
+def test_external_subcommands(command, module, capsys, monkeypatch):
+    """generate / gpu-check are lazily imported; a missing module gives a clear message, a present
+    one contributes its own options."""
+    present = importlib.util.find_spec(f"benchmarks.{module}") is not None
+    if not present:
+        with pytest.raises(SystemExit, match=f"no {module}.py benchmark module"):
+            cli.parse_args([command])
+    fake = types.ModuleType(f"benchmarks.{module}")
+    fake.add_arguments = lambda p: p.add_argument("--fake-option", type=int, default=3)
+    fake.run = lambda args: 7 if args.fake_option == 5 else 1
+    monkeypatch.setitem(sys.modules, f"benchmarks.{module}", fake)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    assert cli.main([command, "--fake-option", "5"]) == 7
+    with pytest.raises(SystemExit):
+        cli.parse_args([command, "--help"])
+    assert "--fake-option" in capsys.readouterr().out
+
+
+def test_real_external_modules_have_the_interface():
+    """Once benchmarks/generate.py or gpu_check.py exist, they expose add_arguments and run and
+    their options show in their sub-command's help."""
+    for module in ("generate", "gpu_check"):
+        if importlib.util.find_spec(f"benchmarks.{module}") is None:
+            continue
+        mod = importlib.import_module(f"benchmarks.{module}")
+        assert callable(mod.add_arguments) and callable(mod.run)
+        parser = cli.build_parser([module.replace("_", "-")])
+        assert parser.parse_args([module.replace("_", "-")]).external is mod
+
+
 def test_provider_patterns_select_series():
     cases = cli.plan("attention", dataclasses.replace(QUICK, attention=dataclasses.replace(
         QUICK.attention, lengths=(128,), n_hashes=(1, 4))), "float32")
-    picked = cli.select(cases, ["sdpa", "lsh[[]torch]*"])
-    assert [c.series for c in picked] == ["sdpa", "lsh[torch] h=1", "lsh[torch] h=4"]
+    picked = cli.select(cases, ["sdpa", "lsh-torch"])
+    assert [c.series for c in picked] == ["sdpa", "lsh-torch h=1", "lsh-torch h=4"]
+    assert [c.series for c in cli.select(cases, ["lsh[[]torch]*"])] == ["lsh-torch h=1", "lsh-torch h=4"]  # old
+    assert [c.series for c in cli.select(cases, ["lsh-torch h=4"])] == ["lsh-torch h=4"]
     assert cases[0].provider == "naive"  # the baseline comes first
+
+
+def test_plan_estimates_and_skips_before_running(capsys):
+    """The plan printed before a run: what runs, what is skipped and why, an estimated duration;
+    nothing is started (a worker would fail the test)."""
+    s = cli.settings_from_args(cli.parse_args(["attention", "--long"]))
+    opts = _opts(mem_limit_bytes=16 * 2**30, max_call_s=s.max_call_s, single_call=True,
+                 max_call_s_by_provider=s.max_call_s_by_provider)
+    cases = cli.select(cli.plan("attention", s, "float32"), s.attention.providers)
+    planned = estimate(cases, opts)
+    by = {(c.series, c.params["seq_len"]): (r, sec) for c, r, sec in planned}
+    assert by[("naive", 32768)][0]["note"].startswith("est. ")  # 112 GiB of scores
+    assert by[("sdpa", 32768)][0] is None and by[("sdpa", 32768)][1] > 10
+    assert "s per call" in by[("sdpa", 131072)][0]["note"]  # quadratic time, predicted from 32K
+    assert by[("lsh-torch h=4", 131072)][0] is None
+    lines = plan_lines("attention", planned)
+    assert lines[0].startswith("plan: attention: 9 cases") and "est." in lines[0]
+    assert cli.main(["attention", "--long", "--plan-only", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "plan: estimated duration" in out and "lsh-torch h=4" in out
+
+
+def test_full_preset_is_planned_within_twenty_minutes():
+    """The full sweep's estimate (the providers' rough CPU rates, 2 threads) stays within 20 minutes."""
+    s = cli.settings_from_args(cli.parse_args(["all"]))
+    opts = _opts(repeats=s.repeats, budget_s=s.budget_s, max_call_s=s.max_call_s, mem_limit_bytes=16 * 2**30)
+    total = sum(sec for name in cli.BENCHMARKS
+                for _, _, sec in estimate(cli.plan(name, s, "float32"), opts,
+                                          cli._quality_s if name == "quality" else None))
+    assert 5 * 60 < total < 20 * 60
 
 
 # ----------------------------------------------------------------------------- skip rules
@@ -67,14 +179,15 @@ def test_naive_attention_too_big_is_skipped_with_estimate():
     assert record["status"] == "skipped" and record["note"].startswith("est. ")
     assert float(record["note"].split()[1]) >= n2_gib
     # the same length fits for LSH
-    lsh = Case("attention", "lsh[torch]", "lsh[torch] h=4", dict(params, bucket_size=64, n_hashes=4))
-    assert preflight(lsh, attention.PROVIDERS["lsh[torch]"], opts, _SeriesHistory()) is None
+    lsh = Case("attention", "lsh-torch", "lsh-torch h=4", dict(params, bucket_size=64, n_hashes=4))
+    assert preflight(lsh, attention.PROVIDERS["lsh-torch"], opts, _SeriesHistory()) is None
 
 
 def test_skip_reasons_cuda_unavailable_and_time():
     case = Case("attention", "x", "x", dict(ATTN, seq_len=1024))
     fake = Provider("x", build=None, est_bytes=lambda p: 0.0, cost=lambda p: float(p["seq_len"] ** 2))
     history = _SeriesHistory()
+    history.predict_s = lambda case, provider, device="cpu": _SeriesHistory.predict_s(history, case, provider, "cuda")
     assert preflight(case, dataclasses.replace(fake, needs_cuda=True), _opts(), history)["note"] == "needs CUDA"
     gone = preflight(case, dataclasses.replace(fake, missing=lambda: "pkg not importable"), _opts(), history)
     assert gone["status"] == "unavailable" and "pkg" in gone["note"]
@@ -90,11 +203,11 @@ def test_run_cases_reports_instead_of_crashing(monkeypatch):
     """Skipped cases never start a worker; a failing or hung worker gives an error/timeout record."""
     monkeypatch.setattr("benchmarks.runner.run_case", lambda *a, **k: pytest.fail("worker started"))
     cases = [Case("attention", "naive", "naive", dict(ATTN, heads=8, seq_len=65536)),
-             Case("attention", "lsh[triton]", "lsh[triton] h=4", dict(ATTN, seq_len=256, bucket_size=64, n_hashes=4))]
+             Case("attention", "lsh-triton", "lsh-triton h=4", dict(ATTN, seq_len=256, bucket_size=64, n_hashes=4))]
     records = run_cases(cases, _opts(), "test")
     assert records[0]["status"] == "skipped" and records[0]["note"].startswith("est. ")
     assert records[1]["status"] in ("skipped", "unavailable")  # needs CUDA (or Triton is not installed)
-    bad = Case("attention", "lsh[torch]", "lsh", dict(ATTN, seq_len=64, bucket_size=0, n_hashes=1))
+    bad = Case("attention", "lsh-torch", "lsh", dict(ATTN, seq_len=64, bucket_size=0, n_hashes=1))
     record = run_case(bad, device="cpu", repeats=1, budget_s=1.0, timeout_s=120.0)
     assert record["status"] == "error" and "bucket_size" in record["note"]
     hung = run_case(bad, device="cpu", repeats=1, budget_s=1.0, timeout_s=0.05)
@@ -145,17 +258,17 @@ def test_crossover_statement_from_records():
         return make_record(Case("attention", series.split()[0], series, {"seq_len": n}), "ok", time_fwdbwd_ms=ms,
                            peak_mem_mib=1.0)
 
-    records = [rec("lsh[torch] h=4", n, 10.0) for n in (1024, 2048, 4096)]
+    records = [rec("lsh-torch h=4", n, 10.0) for n in (1024, 2048, 4096)]
     records += [rec("naive", 1024, 5.0), rec("naive", 2048, 20.0), rec("naive", 4096, 80.0)]
     records += [rec("sdpa", n, 1.0) for n in (1024, 2048, 4096)]
-    text = summary.crossover(records, "lsh[torch] h=4", "naive")
+    text = summary.crossover(records, "lsh-torch h=4", "naive")
     assert "between N = 1024" in text and "N = 2048" in text and "N ~ 1,448" in text
-    assert "not faster" in summary.crossover(records, "lsh[torch] h=4", "sdpa")
-    records.append(rec("lsh[torch] h=4", 8192, 20.0))
+    assert "not faster" in summary.crossover(records, "lsh-torch h=4", "sdpa")
+    records.append(rec("lsh-torch h=4", 8192, 20.0))
     records.append(make_record(Case("attention", "naive", "naive", {"seq_len": 8192}), "skipped", "est. 9 GiB"))
-    longest = summary.at_longest(records, "lsh[torch] h=4", "naive")
-    assert longest.startswith("N = 4096: lsh[torch] h=4 10 ms vs naive 80 ms (8.0x faster)")
-    assert longest.endswith("N = 8192: lsh[torch] h=4 20 ms, 1 MiB; naive skipped (est. 9 GiB)")
+    longest = summary.at_longest(records, "lsh-torch h=4", "naive")
+    assert longest.startswith("N = 4096: lsh-torch h=4 10 ms vs naive 80 ms (8.0x faster)")
+    assert longest.endswith("N = 8192: lsh-torch h=4 20 ms, 1 MiB; naive skipped (est. 9 GiB)")
 
 
 def _check_schema(path):
@@ -174,15 +287,21 @@ def _check_schema(path):
 
 @needs_proc
 def test_attention_end_to_end(tmp_path, capsys):
-    code = cli.main(["attention", "--quick", "--lengths", "128", "--heads", "2", "--n-hashes", "1",
+    code = cli.main(["attention", "--quick", "--lengths", "64", "128", "--heads", "2", "--n-hashes", "1",
                      "--bucket-size", "16", "--repeats", "1", "--device", "cpu", "--providers", "naive", "lsh*",
                      "--out", str(tmp_path)])
     assert code == 0
     records = _check_schema(tmp_path / "results.json")
-    assert {r["series"]: r["status"] for r in records if r["params"]["seq_len"] == 128} == {
-        "naive": "ok", "lsh[torch] h=1": "ok", "lsh[triton] h=1": "skipped"}
-    assert (tmp_path / "attention.png").stat().st_size > 0 and "lsh[torch] h=1" in (tmp_path / "summary.md").read_text()
-    assert "forward+backward time (ms)" in capsys.readouterr().out
+    assert {r["series"]: r["status"] for r in records if r["params"]["seq_len"] in (64, 128)} == {
+        "naive": "ok", "lsh-torch h=1": "ok", "lsh-triton h=1": "skipped"}
+    lsh = {r["params"]["seq_len"]: r for r in records if r["series"] == "lsh-torch h=1"}
+    assert lsh[64]["ratio_to_first"] == 1.0 and lsh[128]["first_seq_len"] == 64
+    assert lsh[128]["ratio_to_first"] == pytest.approx(lsh[128]["time_fwdbwd_ms"] / lsh[64]["time_fwdbwd_ms"])
+    assert all(r["allocator"] == "default" for r in records if r["status"] == "ok")
+    assert json.loads((tmp_path / "results.json").read_text())["metadata"]["allocator"] == "default"
+    assert (tmp_path / "attention.png").stat().st_size > 0 and "lsh-torch h=1" in (tmp_path / "summary.md").read_text()
+    out = capsys.readouterr().out
+    assert "forward+backward time (ms) [allocator: default]" in out and "plan: estimated duration" in out
 
 
 @needs_proc

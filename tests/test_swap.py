@@ -118,6 +118,7 @@ def test_batch_first_false_and_causal_decoder_cross_attention_left_alone():
     assert set(report.skipped) == {"layers.0.multihead_attn", "layers.1.multihead_attn"}
     assert all("cross-attention" in reason for reason in report.skipped.values())
     assert all(type(lyr.multihead_attn) is nn.MultiheadAttention for lyr in decoder.layers)
+    decoder.eval()  # fixed rotations (default seeds), so two forwards hash alike
     tgt, memory = torch.randn(12, 2, E, requires_grad=True), torch.randn(7, 2, E)
     mask = nn.Transformer.generate_square_subsequent_mask(12)
     out = decoder(tgt, memory, tgt_mask=mask, tgt_is_causal=True)
@@ -278,7 +279,8 @@ def test_gpt2_self_attention_swap_is_exact_when_lsh_is_exact():
     model.set_attn_implementation("test_shared_qk")
     with torch.no_grad():
         expected = model(ids, attention_mask=mask).logits
-    report = swap_attention(model, bucket_size=32, n_hashes=2, seed=0)
+    # causal_mode="chunk": with bucket_size >= N the chunked look-back is exact causal attention
+    report = swap_attention(model, bucket_size=32, n_hashes=2, seed=0, causal_mode="chunk")
     assert report.swapped == ["transformer.h.0.attn", "transformer.h.1.attn"]
     logits = model(ids, attention_mask=mask).logits
     keep = mask.bool()
@@ -310,3 +312,136 @@ def test_bert_self_attention_swapped_cross_attention_kept():
     hidden = model(ids, attention_mask=mask, encoder_hidden_states=memory).last_hidden_state
     hidden.sum().backward()
     assert hidden.shape == (2, 24, E) and model.encoder.layer[0].crossattention.self.query.weight.grad is not None
+
+
+# ----------------------------------------------------------------------------- include/exclude, seeds
+
+def test_include_exclude_accept_one_glob_string_and_reject_other_types():
+    model = nn.ModuleList([UserBlock(), UserBlock()])
+    assert swap_attention(model, include="1.attn").swapped == ["1.attn"]
+    model = nn.ModuleList([UserBlock(), UserBlock()])
+    assert swap_attention(model, exclude="1.*").swapped == ["0.attn"]
+    encoder = tied_encoder()
+    with pytest.raises(ValueError, match="matches no attention module.*layers.0.self_attn"):
+        swap_attention(encoder, include="self_attn")  # globs match qualified names
+    assert all(type(layer.self_attn) is nn.MultiheadAttention for layer in encoder.layers)  # nothing changed
+    assert swap_attention(encoder, include="*self_attn").swapped == ["layers.0.self_attn", "layers.1.self_attn"]
+    for bad in (dict(include=5), dict(exclude=[1, 2]), dict(include=b"attn")):
+        with pytest.raises(TypeError, match="include|exclude"):
+            swap_attention(nn.ModuleList([UserBlock()]), **bad)
+    with pytest.raises(TypeError, match="seed"):
+        swap_attention(nn.ModuleList([UserBlock()]), seed=1.5)
+    with pytest.raises(TypeError, match="bucket_size"):
+        swap_attention(nn.ModuleList([UserBlock()]), bucket_size=8.0)
+    with pytest.raises(ValueError, match="n_hashes"):
+        swap_attention(nn.ModuleList([UserBlock()]), n_hashes=0)
+    with pytest.raises(ValueError, match="causal_mode"):
+        swap_attention(nn.ModuleList([UserBlock()]), causal_mode="future")
+    with pytest.raises(ValueError, match="n_buckets"):
+        swap_attention(nn.ModuleList([UserBlock()]), n_buckets=3)
+
+
+def test_default_seed_makes_eval_reproducible():
+    """Without a seed argument, swapped layers get seeds 0, 1, ...: eval outputs repeat exactly
+    (small buckets, so hashing matters); seed=None draws fresh rotations on every call."""
+    x = torch.randn(2, 40, E)
+    outs = {}
+    for seed_arg in ("default", None):
+        torch.manual_seed(8)
+        encoder = tied_encoder()
+        report = swap_attention(encoder, bucket_size=4, n_hashes=1) if seed_arg == "default" else \
+            swap_attention(encoder, bucket_size=4, n_hashes=1, seed=None)
+        encoder.eval()
+        with torch.no_grad():
+            outs[seed_arg] = (encoder(x), encoder(x))
+        seeds = [layer.self_attn.seed for layer in encoder.layers]
+        assert seeds == ([0, 1] if seed_arg == "default" else [None, None])
+        assert ("seed=0" in str(report)) == (seed_arg == "default")
+    assert torch.equal(*outs["default"])
+    assert not torch.allclose(*outs[None])
+
+
+# ----------------------------------------------------------------------------- Hugging Face save/load
+
+def _perturb_(module):
+    """Stand-in for training: move every parameter away from its initial value."""
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+@needs_transformers
+def test_gpt2_swapped_save_load_round_trip_is_exact(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from reformer.swap import load_swapped
+
+    torch.manual_seed(9)
+    config = GPT2Config(n_layer=2, n_embd=E, n_head=H, vocab_size=50, n_positions=64, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config)
+    swap_attention(model, bucket_size=4, n_hashes=2)
+    swap_positional(model, (8, 8))
+    _perturb_(model)
+    model.eval()
+    ids = torch.randint(0, 50, (2, 40))
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert torch.equal(expected, model(ids).logits)  # reproducible in eval with the default seeds
+    model.save_pretrained(tmp_path)
+    saved = __import__("json").loads((tmp_path / "config.json").read_text())["reformer_swap"]
+    assert set(saved["attention"]) == {"transformer.h.0.attn", "transformer.h.1.attn"}
+    assert saved["attention"]["transformer.h.1.attn"] == {"bucket_size": 4, "n_hashes": 2, "seed": 1,
+                                                          "n_buckets": None, "causal_mode": "bucket"}
+    assert saved["positional"] == {"transformer.wpe": {"axial_shape": [8, 8], "axial_dims": None}}
+
+    loaded = load_swapped(GPT2LMHeadModel, tmp_path)
+    assert type(loaded) is GPT2LMHeadModel and not loaded.training
+    assert isinstance(loaded.transformer.wpe, AxialPositionEmbedding)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected, rtol=0, atol=0)
+    loaded.save_pretrained(tmp_path / "again")  # a loaded model saves the same record again
+    with torch.no_grad():
+        again = load_swapped(GPT2LMHeadModel, tmp_path / "again")(ids).logits
+    torch.testing.assert_close(again, expected, rtol=0, atol=0)
+
+    # from_pretrained alone cannot rebuild the swapped layers: with the LSH implementation it refuses to
+    # run full attention silently
+    plain = GPT2LMHeadModel.from_pretrained(tmp_path / "again", attn_implementation="reformer_lsh")
+    with pytest.raises(ValueError, match="load_swapped"):
+        plain(ids)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=E, n_head=H, vocab_size=50)).save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="no 'reformer_swap'"):
+        load_swapped(GPT2LMHeadModel, tmp_path / "plain")
+
+
+@needs_transformers
+def test_bert_swapped_save_load_round_trip_is_exact(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from reformer.swap import load_swapped
+
+    torch.manual_seed(10)
+    config = BertConfig(num_hidden_layers=2, hidden_size=E, num_attention_heads=H, intermediate_size=FF,
+                        vocab_size=50, max_position_embeddings=64)
+    model = BertModel(config)
+    report = swap_attention(model, bucket_size=4, n_hashes=2, seed=5, exclude="encoder.layer.1.*", n_buckets=(4, 2))
+    assert report.swapped == ["encoder.layer.0.attention.self"]
+    swap_positional(model, (8, 8), axial_dims=(8, 8))
+    _perturb_(model)
+    model.eval()
+    ids = torch.randint(0, 50, (2, 33))
+    mask = torch.ones(2, 33, dtype=torch.long)
+    mask[1, 25:] = 0
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).last_hidden_state
+    model.save_pretrained(tmp_path)
+    loaded = load_swapped(BertModel, tmp_path)
+    assert loaded.encoder.layer[0].attention.self.reformer_lsh.seed == 5
+    assert loaded.encoder.layer[0].attention.self.reformer_lsh.n_buckets == (4, 2)
+    assert loaded.encoder.layer[1].attention.self.reformer_lsh is None  # excluded: full attention
+    with torch.no_grad():
+        got = loaded(ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
