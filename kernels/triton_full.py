@@ -164,9 +164,9 @@ def _configs(half: dict, f32: dict) -> dict:
 
 
 _HALF_FWD = (_cfg(64, 64), _cfg(128, 64, 8))
-FWD_CONFIGS = _configs({16: _HALF_FWD, 32: _HALF_FWD, 64: _HALF_FWD, 128: (_cfg(64, 64, 8), _cfg(128, 64, 8))},
+FWD_CONFIGS = _configs({16: _HALF_FWD, 32: _HALF_FWD, 64: _HALF_FWD, 128: (_cfg(64, 64, 8),)},
                        {d: (_cfg(32, 32),) for d in (16, 32, 64, 128)})
-DKDV_CONFIGS = _configs({16: (_cfg(32, 64),), 32: (_cfg(32, 64),), 64: (_cfg(32, 64),), 128: (_cfg(32, 32),)},
+DKDV_CONFIGS = _configs({16: (_cfg(32, 64),), 32: (_cfg(32, 64),), 64: (_cfg(32, 32),), 128: (_cfg(32, 32, 8),)},
                         {16: (_cfg(32, 32),), 32: (_cfg(16, 32),), 64: (_cfg(16, 32),), 128: (_cfg(16, 16, 8),)})
 DQ_CONFIGS = _configs({d: (_cfg(64, 32),) for d in (16, 32, 64, 128)},
                       {16: (_cfg(32, 32),), 32: (_cfg(32, 16),), 64: (_cfg(32, 32),), 128: (_cfg(16, 32),)})
