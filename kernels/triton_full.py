@@ -36,7 +36,7 @@ def _permitted(offs_m, offs_n, n_k, kpm_row, causal):
     return ok & ((offs_n[None, :] <= offs_m[:, None]) | (causal == 0))
 
 
-@triton.jit(do_not_specialize=["causal"])
+@triton.jit(do_not_specialize=["n_heads", "causal"])
 def _fwd_kernel(
     Q, K, V, KPM, Out, Lse,
     stride_qg, stride_qn, stride_kg, stride_kn, stride_vg, stride_vn, stride_og, stride_on,
@@ -70,7 +70,7 @@ def _fwd_kernel(
     tl.store(Lse + g * n_q + offs_m, lse, mask=offs_m < n_q)
 
 
-@triton.jit(do_not_specialize=["causal"])
+@triton.jit(do_not_specialize=["n_heads", "causal"])
 def _bwd_dkdv_kernel(
     Q, K, V, KPM, DO, Lse, Delta, DK, DV,
     stride_qg, stride_qn, stride_kg, stride_kn, stride_vg, stride_vn, stride_og, stride_on,
@@ -108,7 +108,7 @@ def _bwd_dkdv_kernel(
     store_tile(DV + g * stride_vg, dv, offs_n, n_k, offs_d, head_dim_v, stride_vn)
 
 
-@triton.jit(do_not_specialize=["causal"])
+@triton.jit(do_not_specialize=["n_heads", "causal"])
 def _bwd_dq_kernel(
     Q, K, V, KPM, DO, Lse, Delta, DQ,
     stride_qg, stride_qn, stride_kg, stride_kn, stride_vg, stride_vn, stride_og, stride_on,
@@ -164,9 +164,9 @@ def _configs(half: dict, f32: dict) -> dict:
 
 
 _HALF_FWD = (_cfg(64, 64), _cfg(128, 64, 8))
-FWD_CONFIGS = _configs({16: _HALF_FWD, 32: _HALF_FWD, 64: _HALF_FWD, 128: (_cfg(64, 64, 8), _cfg(128, 64, 8))},
+FWD_CONFIGS = _configs({16: _HALF_FWD, 32: _HALF_FWD, 64: _HALF_FWD, 128: (_cfg(64, 64, 8),)},
                        {d: (_cfg(32, 32),) for d in (16, 32, 64, 128)})
-DKDV_CONFIGS = _configs({16: (_cfg(32, 64),), 32: (_cfg(32, 64),), 64: (_cfg(32, 64),), 128: (_cfg(32, 32),)},
+DKDV_CONFIGS = _configs({16: (_cfg(32, 64),), 32: (_cfg(32, 64),), 64: (_cfg(32, 32),), 128: (_cfg(32, 32, 8),)},
                         {16: (_cfg(32, 32),), 32: (_cfg(16, 32),), 64: (_cfg(16, 32),), 128: (_cfg(16, 16, 8),)})
 DQ_CONFIGS = _configs({d: (_cfg(64, 32),) for d in (16, 32, 64, 128)},
                       {16: (_cfg(32, 32),), 32: (_cfg(32, 16),), 64: (_cfg(32, 32),), 128: (_cfg(16, 32),)})

@@ -49,7 +49,7 @@ mode, see :func:`model_bytes`):
 
 - forward_round: queries ``G*N*D*E`` + keys and values ``2 * G*Np/BLOCK_M * K * D*E`` (re-read
   per query block; mostly from L2) + order/bkt/pos ``12 * G*N`` + accumulators read and
-  written ``2 * G*N*(D + 2) * 4``.
+  written ``2 * G*N*(D * 4 + 2 * 8)`` (out float32, top and total float64).
 - backward_round: the dq kernel reads q, dO (``2 G*N*D*E``), lse/delta/order/pos/bkt
   (``20 G*N``), streams keys and values as the forward does and reads+writes dqk
   (``2 G*N*D*4``); the dk/dv kernel reads its keys and values (``2 G*N*D*E``), streams
@@ -210,18 +210,21 @@ def _lsh_fwd_kernel(
             m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, s, v, DOT)
     out, lse = finish_softmax(m_i, l_i, acc)
 
-    # merge: top' = max(top, lse); out' = out e^(top - top') + o e^(lse - top'); same for total
+    # merge (top and total in float64, as the Function keeps them): top' = max(top, lse);
+    # out' = out e^(top - top') + o e^(lse - top'); total' = total e^(top - top') + e^(lse - top')
     top = tl.load(Top + g * n_rows + row_q, mask=in_q, other=float("-inf"))
-    new_top = tl.maximum(top, lse)
+    lse64 = lse.to(top.dtype)
+    new_top = tl.maximum(top, lse64)
     base = tl.where(new_top == float("-inf"), 0.0, new_top)
-    w_old, w_new = tl.exp(top - base), tl.exp(lse - base)
+    w_old, w_new = tl.exp(top - base), tl.exp(lse64 - base)
     total = tl.load(Total + g * n_rows + row_q, mask=in_q, other=0.0)
     tl.store(Top + g * n_rows + row_q, new_top, mask=in_q)
     tl.store(Total + g * n_rows + row_q, total * w_old + w_new, mask=in_q)
     out_ptrs = Out + g * stride_g + row_q[:, None] * head_dim + offs_d[None, :]
     out_mask = in_q[:, None] & (offs_d[None, :] < head_dim)
     old = tl.load(out_ptrs, mask=out_mask, other=0.0)
-    tl.store(out_ptrs, old * w_old[:, None] + out * w_new[:, None], mask=out_mask)
+    merged = old * w_old.to(tl.float32)[:, None] + out * w_new.to(tl.float32)[:, None]
+    tl.store(out_ptrs, merged, mask=out_mask)
 
 
 @triton.jit
@@ -356,12 +359,12 @@ def _configs(half: dict[int, KernelConfig], f32: dict[int, KernelConfig]) -> dic
     return table
 
 
-FWD_CONFIGS = _configs({16: _cfg(64, 64), 32: _cfg(64, 64), 64: _cfg(64, 64), 128: _cfg(32, 32)},
-                       {16: _cfg(32, 32, 8), 32: _cfg(32, 32), 64: _cfg(32, 32), 128: _cfg(32, 32, 8)})
-DQ_CONFIGS = _configs({16: _cfg(64, 64), 32: _cfg(64, 64), 64: _cfg(64, 64), 128: _cfg(64, 32)},
+FWD_CONFIGS = _configs({16: _cfg(64, 64), 32: _cfg(64, 64), 64: _cfg(64, 32), 128: _cfg(32, 32)},
+                       {16: _cfg(32, 32, 8), 32: _cfg(32, 32), 64: _cfg(32, 32), 128: _cfg(16, 32)})
+DQ_CONFIGS = _configs({16: _cfg(64, 64), 32: _cfg(32, 64), 64: _cfg(32, 64), 128: _cfg(64, 32, 8)},
                       {16: _cfg(32, 32), 32: _cfg(32, 32), 64: _cfg(32, 32), 128: _cfg(16, 32)})
-DKDV_CONFIGS = _configs({16: _cfg(32, 64, 8), 32: _cfg(32, 64, 8), 64: _cfg(32, 64, 8), 128: _cfg(32, 32, 8)},
-                        {16: _cfg(32, 32), 32: _cfg(16, 32), 64: _cfg(16, 32), 128: _cfg(16, 16, 8)})
+DKDV_CONFIGS = _configs({16: _cfg(32, 64, 8), 32: _cfg(32, 32, 8), 64: _cfg(32, 32, 8), 128: _cfg(32, 32, 8)},
+                        {16: _cfg(32, 32), 32: _cfg(16, 32), 64: _cfg(16, 32), 128: _cfg(16, 16, 8, 1)})
 _TUNE_KEY = ("n_slots", "bucket_size", "BLOCK_D")
 _INTERPRETER_CONFIG = KernelConfig({"BLOCK_M": 64, "BLOCK_N": 32})
 _FWD = Launcher(_lsh_fwd_kernel, FWD_CONFIGS, _TUNE_KEY, _INTERPRETER_CONFIG, restore=("Out", "Top", "Total"))
@@ -393,9 +396,10 @@ def _check_round(qk: Tensor, v: Tensor, pos: Tensor, bkt: Tensor, bucket_size: i
         raise ValueError(f"one group of qk must hold fewer than 2**31 elements, got N * D = {qk.shape[1] * qk.shape[2]}")
 
 
-def _check_accumulator(name: str, x: Tensor, shape: tuple) -> None:
-    if x.shape != shape or x.dtype != torch.float32 or not x.is_contiguous():
-        raise ValueError(f"{name} must be a contiguous float32 tensor of shape {shape}, got {x.dtype} {tuple(x.shape)}")
+def _check_accumulator(name: str, x: Tensor, shape: tuple, dtype: torch.dtype = torch.float32) -> None:
+    if x.shape != shape or x.dtype != dtype or not x.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous {str(dtype).split('.')[-1]} tensor of shape {shape}, "
+                         f"got {x.dtype} {tuple(x.shape)}")
 
 
 def _launch(launcher: Launcher, block: str, qk: Tensor, bucket_size: int, causal: bool, causal_mode: str,
@@ -417,11 +421,13 @@ def forward_round(qk: Tensor, v: Tensor, pos: Tensor, order: Tensor, bkt: Tensor
     qk, v: (G, N, D) unsorted rows; pos: (G, N) int32 original positions (-1 = padding);
     order: (G, N) int32, the row at sorted slot s; bkt: (G, N) int32 bucket of each sorted slot.
     With this round's (o_r, lse_r): ``top = max(top, lse_r)``, ``out = sum_r exp(lse_r - top) o_r``,
-    ``total = sum_r exp(lse_r - top)`` (out (G, N, D), top and total (G, N), float32).
+    ``total = sum_r exp(lse_r - top)`` (out (G, N, D) float32; top and total (G, N) float64, as
+    the Function keeps them: a huge max logit keeps its digits).
     """
     _check_round(qk, v, pos, bkt, bucket_size, causal, causal_mode, order)
-    for name, x in (("out", out), ("top", top), ("total", total)):
-        _check_accumulator(name, x, tuple(qk.shape) if name == "out" else tuple(qk.shape[:2]))
+    _check_accumulator("out", out, tuple(qk.shape))
+    _check_accumulator("top", top, tuple(qk.shape[:2]), torch.float64)
+    _check_accumulator("total", total, tuple(qk.shape[:2]), torch.float64)
     qk, v, pos, order, bkt = (x.contiguous() for x in (qk, v, pos, order, bkt))
     _launch(_FWD, "BLOCK_M", qk, bucket_size, causal, causal_mode, scale, qk, v, pos, order, bkt, out, top, total)
 
@@ -431,8 +437,9 @@ def backward_round(qk: Tensor, v: Tensor, pos: Tensor, order: Tensor, bkt: Tenso
                    scale: float) -> None:
     """Gradients of one round added in place into float32 dqk, dv (G, N, D) at unsorted rows.
 
-    do: (G, N, D); lse: (G, N) the COMBINED (all rounds) log-sum-exp; delta: (G, N)
-    rowsum(dO * O) minus the lse's incoming gradient; both unsorted. ``p = exp(s - lse)``.
+    do: (G, N, D) (cast to qk's dtype); lse: (G, N) the COMBINED (all rounds) log-sum-exp
+    (float32 or float64; used in float32, like the logits); delta: (G, N) rowsum(dO * O) minus
+    the lse's incoming gradient; both unsorted. ``p = exp(s - lse)``.
     """
     _check_round(qk, v, pos, bkt, bucket_size, causal, causal_mode, order)
     for name, x in (("dqk", dqk), ("dv", dv)):
@@ -461,13 +468,13 @@ def fwd(qk: Tensor, v: Tensor, pos: Tensor, bkt: Tensor, *, bucket_size: int, ca
     """
     _check_round(qk, v, pos, bkt, bucket_size, causal, causal_mode)
     out = torch.zeros(qk.shape, device=qk.device, dtype=torch.float32)
-    top = torch.full(qk.shape[:2], float("-inf"), device=qk.device, dtype=torch.float32)
+    top = torch.full(qk.shape[:2], float("-inf"), device=qk.device, dtype=torch.float64)
     total = torch.zeros_like(top)
     forward_round(qk, v, pos, _identity_order(qk), bkt, out, top, total, bucket_size=bucket_size, causal=causal,
                   causal_mode=causal_mode, scale=scale)
     # one round merged into empty sums: total is 1 (or 0 without keys) and top its lse, exactly
     out = out.div_(total.masked_fill(total == 0, 1.0).unsqueeze(-1)).to(qk.dtype)
-    return out, top.add_(total.log())
+    return out, top.add_(total.log()).float()
 
 
 def bwd(qk: Tensor, v: Tensor, pos: Tensor, bkt: Tensor, do: Tensor, lse: Tensor, delta: Tensor, *,
@@ -502,7 +509,7 @@ def model_bytes(groups: int, n: int, head_dim: int, *, bucket_size: int, element
     keys = (2 * bucket_size + block) if causal_mode == "chunk" else (bucket_size + block)
     keys = min(keys, n_slots) if causal_mode == "chunk" else keys  # chunk mode never streams more than Np
     gn, row = groups * n, head_dim * element_size
-    fwd = gn * row + groups * blocks * keys * (2 * row + 8) + 12 * gn + 2 * gn * (head_dim + 2) * 4
+    fwd = gn * row + groups * blocks * keys * (2 * row + 8) + 12 * gn + 2 * gn * (head_dim * 4 + 16)
     total = fwd
     if backward:
         dq = 2 * gn * row + 20 * gn + groups * blocks * keys * (2 * row + 8) + 2 * gn * head_dim * 4
@@ -515,6 +522,6 @@ def aot_specs() -> list[AotSpec]:
     """Every configuration the launchers can run (``causal``, ``mode`` and ``bucket_size`` are
     runtime arguments)."""
     types = {"QK": "*{dt}", "V": "*{dt}", "DO": "*{dt}", "Pos": "*i32", "Order": "*i32", "Bkt": "*i32",
-             "Out": "*fp32", "Top": "*fp32", "Total": "*fp32", "Lse": "*fp32", "Delta": "*fp32", "DQK": "*fp32",
+             "Out": "*fp32", "Top": "*fp64", "Total": "*fp64", "Lse": "*fp32", "Delta": "*fp32", "DQK": "*fp32",
              "DV": "*fp32", "scale": "fp32"}
     return [spec for launcher in (_FWD, _BWD_DQ, _BWD_DKDV) for spec in launcher.aot_specs(types)]

@@ -244,11 +244,11 @@ def test_round_level_kernels_match_gather_core_merge(dtype, n, bucket_size, mode
     # running sums from an earlier round (random), merged into in place
     gen = torch.Generator().manual_seed(2)
     out_acc = torch.randn(g, n, d, generator=gen)
-    top = torch.randn(g, n, generator=gen)
+    top = torch.randn(g, n, generator=gen, dtype=torch.float64)
     top[0, 0] = float("-inf")  # no key in any earlier round
-    total = torch.rand(g, n, generator=gen) + 0.5
+    total = torch.rand(g, n, generator=gen, dtype=torch.float64) + 0.5
     total[0, 0], out_acc[0, 0] = 0.0, 0.0
-    want = [x.double() for x in (out_acc, top, total)]
+    want = [x.double().clone() for x in (out_acc, top, total)]
     triton_lsh.forward_round(qk, v, pos, order, bkt, out_acc, top, total, **kw)
 
     sq, sv, sdo = (_gathered(x.double(), order, n_pad, 0.0) for x in (qk, v, do))
@@ -281,10 +281,12 @@ def test_round_level_kernels_match_gather_core_merge(dtype, n, bucket_size, mode
 
 def test_round_level_rejects_bad_accumulators():
     qk, v, _, pos, order, bkt = _unsorted_round(1, 10, 16, 4, 0, torch.float32)
-    out, top, total = torch.zeros(1, 10, 16), torch.zeros(1, 10), torch.zeros(1, 10)
+    out, top, total = torch.zeros(1, 10, 16), torch.zeros(1, 10, dtype=torch.float64), torch.zeros(1, 10, dtype=torch.float64)
     kw = dict(bucket_size=4, causal=False, causal_mode="chunk", scale=0.25)
     with pytest.raises(ValueError, match="out must be a contiguous float32"):
         triton_lsh.forward_round(qk, v, pos, order, bkt, out.half(), top, total, **kw)
+    with pytest.raises(ValueError, match="top must be a contiguous float64"):
+        triton_lsh.forward_round(qk, v, pos, order, bkt, out, top.float(), total, **kw)
     with pytest.raises(ValueError, match="order must be int32"):
         triton_lsh.forward_round(qk, v, pos, order.long(), bkt, out, top, total, **kw)
 
@@ -294,8 +296,8 @@ def test_model_bytes_grows_linearly_with_rounds_and_rows():
     assert triton_lsh.model_bytes(8, 4096, 64, bucket_size=64, element_size=2, n_hashes=4) == 4 * one
     assert 1.9 * one < triton_lsh.model_bytes(8, 8192, 64, bucket_size=64, element_size=2) < 2.1 * one
     assert triton_lsh.model_bytes(8, 4096, 64, bucket_size=64, element_size=2, backward=False) < one / 2
-    # at least the compulsory traffic: read qk and v, read and write the float32 output sums
-    assert one > 8 * 4096 * 64 * (2 * 2 + 2 * 4)
+    # at least the compulsory traffic: read qk and v, read and write the output sums
+    assert one > 8 * 4096 * (64 * (2 * 2 + 2 * 4) + 2 * 16)
 
 
 # ------------------------------------------------------------------ 64-bit offsets, half precision
