@@ -71,7 +71,11 @@ def _timed(fn) -> tuple[Any, float]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build the model, time cached and uncached generation, print the table and the JSON;
-    returns the results as a dict."""
+    returns the results as a dict. ``args`` holds the options of :func:`add_arguments`
+    (missing ones take their defaults, so a caller's own parser may define a subset)."""
+    defaults = argparse.ArgumentParser()
+    add_arguments(defaults)
+    args = argparse.Namespace(**{**vars(defaults.parse_args([])), **vars(args)})
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     s = _sizes(args)

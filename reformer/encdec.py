@@ -12,9 +12,13 @@ Decoder self-attention is LSH in ``causal_mode="bucket"`` (or full), so ``genera
 with per-layer caches (``reformer.generation``): the encoder runs once, the cross-attention
 keys and values are computed once, and each new token costs one cached step per layer.
 
-Reversible decoder: a decoder block's ``f`` reads the memory, so the reversible function here
-takes the memory as an explicit input and returns its gradient (accumulated over the blocks)
-in backward; activations are recomputed block by block as in ``reformer.reversible``.
+Reversible decoder: the decoder is a ``ReversibleSequence`` whose blocks' ``f`` receive the
+memory and its padding mask as keyword arguments; ``ReversibleSequence`` makes keyword tensors
+inputs of its autograd function, so the memory gets its gradient (summed over the blocks) and
+the encoder learns through the cross-attention exactly as with ordinary autograd.
+
+``state_dict`` keys: the decoder blocks are ``decoder.blocks.<i>.*`` (as the encoder's
+``encoder.blocks.<i>.*``); state dicts with the earlier ``decoder.<i>.*`` keys still load.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ from .lsh_attention import LSHSelfAttention
 from .model import PreNorm
 from .positional import AxialPositionalEncoding, SinusoidalPositionalEncoding
 from .pretrained import load_pretrained, save_pretrained
-from .reversible import ReversibleBlock, ReversibleSequence, _autocast_state
+from .reversible import ReversibleSequence
 
 ATTENTIONS = ("lsh", "full")
 
@@ -126,58 +130,6 @@ class DecoderAttention(nn.Module):
         return a + c
 
 
-class _ReversibleWithMemory(torch.autograd.Function):
-    """``ReversibleSequence`` for blocks whose ``f`` reads a memory tensor that needs a gradient."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, memory: Tensor, blocks: nn.ModuleList, mask: Optional[Tensor], *params: Tensor):
-        x1 = x2 = x
-        states = []
-        for block in blocks:
-            x1, x2, block_states = block.forward_recording(x1, x2, {"memory": memory,
-                                                                    "memory_key_padding_mask": mask})
-            states.append(block_states)
-        out = torch.cat([x1, x2], dim=-1)
-        ctx.save_for_backward(out, memory)
-        ctx.blocks, ctx.mask, ctx.states = blocks, mask, states
-        ctx.autocast = _autocast_state(x.device.type)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        out, memory = ctx.saved_tensors
-        y1, y2 = out.chunk(2, dim=-1)
-        dy1, dy2 = grad_out.chunk(2, dim=-1)
-        d_memory = torch.zeros_like(memory)
-        grads = []
-        for block, (f_state, g_state) in zip(reversed(ctx.blocks), reversed(ctx.states)):
-            f_params, g_params = _trainable(block.f), _trainable(block.g)
-            with torch.enable_grad():
-                y1 = y1.detach().requires_grad_()
-                with g_state.replay(), torch.autocast(**ctx.autocast):
-                    gy1 = block.g(y1)
-                dy1_g, *g_grads = torch.autograd.grad(gy1, (y1, *g_params), dy2, allow_unused=True)
-            with torch.no_grad():
-                x2, dx1 = y2 - gy1, dy1 + dy1_g
-            with torch.enable_grad():
-                x2 = x2.detach().requires_grad_()
-                mem = memory.detach().requires_grad_()
-                with f_state.replay(), torch.autocast(**ctx.autocast):
-                    fx2 = block.f(x2, memory=mem, memory_key_padding_mask=ctx.mask)
-                dx2_f, dm, *f_grads = torch.autograd.grad(fx2, (x2, mem, *f_params), dx1, allow_unused=True)
-            with torch.no_grad():
-                x1, dx2 = y1 - fx2, dy2 + dx2_f
-                d_memory += dm
-            y1, y2, dy1, dy2 = x1.detach(), x2.detach(), dx1, dx2
-            grads.append(f_grads + g_grads)
-        param_grads = [g for block_grads in reversed(grads) for g in block_grads]
-        return (dy1 + dy2, d_memory, None, None, *param_grads)
-
-
-def _trainable(module: nn.Module) -> tuple[Tensor, ...]:
-    return tuple(p for p in module.parameters() if p.requires_grad)
-
-
 def _feedforward(config: EncDecConfig) -> PreNorm:
     if config.ff_chunks > 1:
         ff = ChunkedFeedForward(config.d_model, config.d_ff, config.ff_chunks, dropout=config.dropout)
@@ -229,12 +181,13 @@ class ReformerEncDec(nn.Module):
             ((_self_attention(config, False, _seed(config, i)), _feedforward(config))
              for i in range(config.encoder_depth)), reversible=config.reversible)
         self.encoder_norm = nn.LayerNorm(d)
-        self.decoder = nn.ModuleList(
-            ReversibleBlock(DecoderAttention(_self_attention(config, True, _seed(config, config.encoder_depth + i)),
-                                             _cross_attention(config)), _feedforward(config))
-            for i in range(config.decoder_depth))
+        self.decoder = ReversibleSequence(
+            ((DecoderAttention(_self_attention(config, True, _seed(config, config.encoder_depth + i)),
+                               _cross_attention(config)), _feedforward(config))
+             for i in range(config.decoder_depth)), reversible=config.reversible)
         self.decoder_norm = nn.LayerNorm(2 * d)
         self.head = nn.Linear(2 * d, config.tgt_vocab_size)
+        self._register_load_state_dict_pre_hook(_rename_flat_decoder_keys)
 
     def encode(self, src: Tensor, src_key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """src ``(B, S)`` ids, mask ``(B, S)`` bool (True = padding) -> memory ``(B, S, d_model)``."""
@@ -257,19 +210,13 @@ class ReformerEncDec(nn.Module):
             raise ValueError(f"tgt reaches position {n}, beyond max_tgt_len={self.config.max_tgt_len}")
         x = self.tgt_emb(tgt.long())
         x = self.dropout(x + self.tgt_pos.encoding(n)[start:].to(x.dtype))
-        if cache is not None:
+        if cache is None:
+            out = self.decoder(x, memory=memory, memory_key_padding_mask=memory_key_padding_mask)
+        else:  # one cached step per block (no gradients are kept across steps)
             x1 = x2 = x
-            for block, self_cache, cross_cache in zip(self.decoder, cache.layers, cache.cross):
+            for block, self_cache, cross_cache in zip(self.decoder.blocks, cache.layers, cache.cross):
                 x1, x2 = block(x1, x2, memory=memory, memory_key_padding_mask=memory_key_padding_mask,
                                cache=(self_cache, cross_cache))
-            out = torch.cat([x1, x2], dim=-1)
-        elif self.config.reversible and torch.is_grad_enabled():
-            params = [p for block in self.decoder for p in block.trainable()]
-            out = _ReversibleWithMemory.apply(x, memory, self.decoder, memory_key_padding_mask, *params)
-        else:
-            x1 = x2 = x
-            for block in self.decoder:
-                x1, x2 = block(x1, x2, memory=memory, memory_key_padding_mask=memory_key_padding_mask)
             out = torch.cat([x1, x2], dim=-1)
         return self.head(self.decoder_norm(out))
 
@@ -298,7 +245,7 @@ class ReformerEncDec(nn.Module):
             raise ValueError(f"capacity must be <= max_tgt_len={self.config.max_tgt_len}, got {capacity}")
         device = self.head.weight.device
         layers = []
-        for i, block in enumerate(self.decoder):
+        for i, block in enumerate(self.decoder.blocks):
             attn = block.f.self_attn.fn
             if isinstance(attn, LSHSelfAttention):
                 layers.append(attn.new_cache(capacity, device=device))
@@ -306,7 +253,7 @@ class ReformerEncDec(nn.Module):
                     layers[-1].rotations = like.layers[i].rotations
             else:
                 layers.append(KVCache(capacity))
-        return ModelCache(layers, cross=[KVCache(capacity, static=True) for _ in self.decoder])
+        return ModelCache(layers, cross=[KVCache(capacity, static=True) for _ in self.decoder.blocks])
 
     @torch.no_grad()
     def generate(self, src: Tensor, max_new_tokens: int, *, bos_token_id: int,
@@ -349,6 +296,13 @@ class ReformerEncDec(nn.Module):
                         device: Union[str, torch.device, None] = None) -> "ReformerEncDec":
         """The model saved by ``save_pretrained`` (eval mode, on ``device``, default CPU)."""
         return load_pretrained(cls, EncDecConfig, directory, device=device)
+
+
+def _rename_flat_decoder_keys(state_dict: dict, prefix: str, *args: Any) -> None:
+    """Load-time hook: map the earlier ``decoder.<i>.*`` keys to ``decoder.blocks.<i>.*``."""
+    old = prefix + "decoder."
+    for key in [k for k in state_dict if k.startswith(old) and k[len(old):].split(".", 1)[0].isdigit()]:
+        state_dict[old + "blocks." + key[len(old):]] = state_dict.pop(key)
 
 
 class _NextTargetLogits:

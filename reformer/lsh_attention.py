@@ -439,7 +439,8 @@ class LSHMultiheadAttention(_SharedQKAttention):
         """Build from a trained ``nn.MultiheadAttention``: its query projection becomes the shared
         QK projection; its value and output projections are reused; its KEY PROJECTION IS DROPPED
         (shared-QK attention has none). Same embed_dim, num_heads, dropout, bias, batch_first,
-        device and dtype."""
+        device, dtype and train/eval mode (an eval-mode ``mha`` gives an eval-mode module, which
+        with a ``seed`` uses fixed rotations)."""
         if not isinstance(mha, nn.MultiheadAttention):
             raise TypeError(f"from_torch needs an nn.MultiheadAttention, got {type(mha).__name__}")
         if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
@@ -456,7 +457,7 @@ class LSHMultiheadAttention(_SharedQKAttention):
                 if bias:
                     proj.bias.copy_(mha.in_proj_bias[rows])
             new.out_proj.load_state_dict(mha.out_proj.state_dict())
-        return new
+        return new.train(mha.training)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, batch_first={self.batch_first}"

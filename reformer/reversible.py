@@ -70,12 +70,12 @@ class ReversibleBlock(nn.Module):
         return y1, x2 + self.g(y1, **(g_kwargs or {}))
 
     def forward_recording(self, x1: Tensor, x2: Tensor, f_kwargs: dict,
-                          g_kwargs: dict) -> tuple[Tensor, Tensor, tuple[RngState, RngState]]:
+                          g_kwargs: Optional[dict] = None) -> tuple[Tensor, Tensor, tuple[RngState, RngState]]:
         """``forward`` that also returns the RNG states seen by ``f`` and ``g``."""
         f_state = RngState.capture()
         y1 = x1 + self.f(x2, **f_kwargs)
         g_state = RngState.capture()
-        return y1, x2 + self.g(y1, **g_kwargs), (f_state, g_state)
+        return y1, x2 + self.g(y1, **(g_kwargs or {})), (f_state, g_state)
 
     def trainable(self) -> tuple[Tensor, ...]:
         """The parameters that need gradients, ``f``'s then ``g``'s."""

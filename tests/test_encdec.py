@@ -1,5 +1,6 @@
 """ReformerEncDec: learns sequence reversal, reversible gradients (memory included) equal plain
-autograd, cached decoding equals a full decode, source padding, generate options, save/load."""
+autograd, cached decoding equals a full decode, source padding, generate options, save/load,
+earlier state_dict keys."""
 import dataclasses
 
 import pytest
@@ -97,6 +98,21 @@ def test_generate_options_cache_and_save_load(tmp_path):
     loaded = ReformerEncDec.from_pretrained(tmp_path)
     assert loaded.config == model.config
     assert torch.equal(loaded.generate(src, 8, bos_token_id=1, do_sample=False), cached)
+
+
+def test_decoder_is_a_reversible_sequence_and_earlier_flat_decoder_keys_load():
+    torch.manual_seed(0)
+    model = ReformerEncDec(EncDecConfig(**SMALL, seed=2)).eval()
+    assert any(k.startswith("decoder.blocks.1.f.cross_attn.") for k in model.state_dict())
+    flat = {k.replace("decoder.blocks.", "decoder.", 1): v for k, v in model.state_dict().items()}
+    assert any(k.startswith("decoder.1.f.cross_attn.") for k in flat)
+    torch.manual_seed(1)
+    other = ReformerEncDec(EncDecConfig(**SMALL, seed=2)).eval()
+    src, tgt = torch.randint(0, 12, (2, 10)), torch.randint(0, 12, (2, 7))
+    with torch.no_grad():
+        assert not torch.allclose(other(src, tgt), model(src, tgt))
+        other.load_state_dict(flat)  # strict
+        torch.testing.assert_close(other(src, tgt), model(src, tgt), atol=0, rtol=0)
 
 
 def test_bad_config_and_inputs():

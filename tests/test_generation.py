@@ -272,7 +272,7 @@ def test_generate_benchmark_quick_smoke(tmp_path, capsys):
 
 def test_chunk_mode_generates_uncached_with_plain_forwards():
     torch.manual_seed(0)
-    model = ReformerLM(ReformerConfig(**TINY, attention="lsh", causal_mode="chunk", seed=4)).double()
+    model = ReformerLM(ReformerConfig(**TINY, attention="lsh", causal_mode="chunk", seed=4)).double().eval()
     assert not model.supports_cache()
     prompt = torch.randint(0, 32, (2, 7))
     out = model.generate(prompt, 5, do_sample=False)  # use_cache=True falls back to full forwards

@@ -114,6 +114,17 @@ def test_from_torch_batch_first_false_and_unbatched_inputs():
     torch.testing.assert_close(lsh(single, single, single)[0], lsh(x[:1], x[:1], x[:1])[0][0])
 
 
+def test_from_torch_copies_the_train_eval_mode():
+    x = features(n=40)
+    for training in (False, True):
+        mha = tied_mha().train(training)
+        lsh = LSHMultiheadAttention.from_torch(mha, bucket_size=4, n_hashes=2, seed=0)
+        assert all(m.training == training for m in lsh.modules())
+        first = lsh(x, x, x)[0]
+        # eval mode: the seeded rotations, the same on every call; training: fresh ones
+        assert torch.equal(lsh(x, x, x)[0], first) == (not training)
+
+
 def test_is_causal_and_causal_attn_masks_select_causal_attention():
     torch.manual_seed(0)
     lsh = LSHMultiheadAttention(D_MODEL, HEADS, bucket_size=16, n_hashes=2, seed=0, batch_first=True,

@@ -199,7 +199,7 @@ def test_keyword_tensor_gradients_match_plain():
     assert const.grad is None
 
 
-def test_keyword_tensor_gradient_as_in_the_bug_report():
+def test_keyword_tensor_gradient_of_a_context_used_by_f():
     class F(nn.Module):
         def __init__(s):
             super().__init__()

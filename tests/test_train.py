@@ -128,7 +128,7 @@ def test_crash_during_checkpoint_resumes_from_previous_one(tmp_path, monkeypatch
 def test_resume_refuses_a_different_setup_and_run_restores_the_callers_rng(tmp_path):
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    _train(tmp_path, "--attention", "full", "--steps", "1", "--eval-every", "0")
+    _train(tmp_path, "--attention", "full", "--steps", "1", "--warmup", "1", "--eval-every", "0")
     assert torch.equal(torch.get_rng_state(), before)
     with pytest.raises(ValueError, match=r"other model/data options: --depth \(saved 2, given 3\)"):
         _train(tmp_path, "--attention", "full", "--steps", "2", "--eval-every", "0", "--depth", "3", "--resume")
@@ -141,7 +141,7 @@ def test_text_task_trains_and_cli_rejects_bad_options(tmp_path):
                      "--axial-shape", "4,8", "--ff-chunks", "2", "--steps", "3", "--eval-every", "3")
     assert trainer.history[-1]["step"] == 3 and trainer.history[-1]["eval_loss"] < 5.6  # below uniform ln(256)
     with pytest.raises(ValueError, match="divisible"):
-        _train(tmp_path / "bad", "--batch-size", "6", "--grad-accum", "4", "--steps", "1")
+        _train(tmp_path / "bad", "--batch-size", "6", "--grad-accum", "4", "--steps", "1", "--warmup", "1")
     proc = subprocess.run([sys.executable, "-m", "reformer.train", "--steps", "0"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "steps (--steps) must be >= 1, got 0" in proc.stderr

@@ -214,3 +214,21 @@ def test_training_checkpoint_layout(tmp_path):
     assert set(state) == {"format", "step", "meta", "model", "optimizer", "scheduler", "rng"}
     assert set(state["meta"]) == {"setup", "settings"} and state["meta"]["setup"]["depth"] == 1
     assert set(state["meta"]["settings"]) >= {"lr", "steps", "warmup", "eval_every"}
+
+
+def test_finished_run_exports_the_model(tmp_path):
+    from reformer import ReformerLM
+
+    config = TrainConfig.from_args([*FAST[:-1], "--out", str(tmp_path), "--stop-at", "2"])  # FAST minus --no-export
+    assert config.export
+    run(config)
+    assert not (tmp_path / "model").exists()  # stopped early: nothing exported yet
+    trainer = run(config.replace(resume=True, stop_at=None))
+    assert trainer.step == 4 and sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json",
+                                                                                            "model.safetensors"]
+    loaded = ReformerLM.from_pretrained(tmp_path / "model")
+    assert loaded.config == trainer.model.config
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    with pytest.raises(RunExistsError, match=r"\(checkpoint.pt, log.jsonl, model\)"):
+        run(config)

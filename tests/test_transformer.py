@@ -1,4 +1,4 @@
-"""The seed's baseline Transformer against torch.nn, masks, causality, errors and a learning check."""
+"""The baseline Transformer of the original Transformer description against torch.nn, masks, causality, errors and a learning check."""
 import pytest
 import torch
 from torch import nn
