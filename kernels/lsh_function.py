@@ -34,6 +34,7 @@ SELF_ONLY_LSE = -1e5  # reported lse of a non-padding row with no permitted key 
 GROUP_SLAB_BYTES = 64 * 2**20  # bound on one sorted (g, Np, D) copy in the adapter
 CAUSAL_MODES = ("bucket", "chunk")
 NEG_INF = float("-inf")
+REBASE_ABOVE = 2.0**20  # |max lse| beyond which backward rebases on the max (see LSHAttentionFunction)
 
 
 class LSHCore(Protocol):
@@ -41,7 +42,8 @@ class LSHCore(Protocol):
 
     qk, v, do: ``(G, N, D)`` UNSORTED rows; pos ``(G, N)`` int32 (-1 = padding); order ``(G, N)``
     int32: the position placed at sorted slot s of group g this round; bkt ``(G, N)`` int32: the
-    bucket id of each sorted slot. Accumulators are float32 (float64 for float64 inputs).
+    bucket id of each sorted slot. ``out`` is float32 (float64 for float64 inputs); ``top``,
+    ``total`` and the combined ``lse`` are float64 (a huge max logit keeps all its digits).
     """
 
     def forward_round(self, qk: Tensor, v: Tensor, pos: Tensor, order: Tensor, bkt: Tensor, out: Tensor,
@@ -104,19 +106,17 @@ class SortedCoreAdapter:
                 bucket_size=bucket_size, causal=causal, causal_mode=causal_mode, scale=scale,
             )
             lse_r = lse_r[:, :n].to(top.dtype)
-            # new running max in sorted order, then the weights of the old sums and of this round
-            old_top = top[g0:g1].gather(1, idx)
-            new_top = torch.maximum(old_top, lse_r)
+            lse_u = torch.empty_like(lse_r).scatter_(1, idx, lse_r)  # this round's lse, unsorted
+            old_top = top[g0:g1]
+            new_top = torch.maximum(old_top, lse_u)
             base = new_top.masked_fill(new_top == NEG_INF, 0.0)
-            w_old = torch.exp(old_top - base)
-            w_new = torch.exp(lse_r - base)
-            top[g0:g1].scatter_(1, idx, new_top)
-            tot = total[g0:g1]
-            tot.scatter_(1, idx, tot.gather(1, idx).mul_(w_old).add_(w_new))
-            acc = out[g0:g1].reshape(-1, d)
-            acc_sorted = acc.index_select(0, flat).view(gs, n, d)
-            acc_sorted.mul_(w_old.unsqueeze(-1)).addcmul_(out_r[:, :n].to(out.dtype), w_new.unsqueeze(-1))
-            acc.index_copy_(0, flat - g0 * n, acc_sorted.view(-1, d))
+            w_old = (old_top - base).exp_()  # weights of the sums so far ...
+            w_new = lse_u.sub_(base).exp_()  # ... and of this round
+            total[g0:g1].mul_(w_old).add_(w_new)
+            out[g0:g1].mul_(w_old.to(out.dtype).unsqueeze(-1))
+            weighted = out_r[:, :n].to(out.dtype).mul_(w_new.gather(1, idx).to(out.dtype).unsqueeze(-1))
+            out[g0:g1].view(-1, d).index_add_(0, flat - g0 * n, weighted.reshape(-1, d))
+            top[g0:g1] = new_top
 
     def backward_round(self, qk: Tensor, v: Tensor, pos: Tensor, order: Tensor, bkt: Tensor, do: Tensor,
                        lse: Tensor, delta: Tensor, dqk: Tensor, dv: Tensor, *, bucket_size: int, causal: bool,
@@ -160,26 +160,31 @@ class LSHAttentionFunction(torch.autograd.Function):
         g, n, d = qk.shape
         acc = compute_dtype(qk.dtype)
         out = torch.zeros(g, n, d, dtype=acc, device=qk.device)
-        top = torch.full((g, n), NEG_INF, dtype=acc, device=qk.device)
+        top = torch.full((g, n), NEG_INF, dtype=torch.float64, device=qk.device)  # lse kept in float64
         total = torch.zeros_like(top)
         kw = dict(bucket_size=bucket_size, causal=causal, causal_mode=causal_mode, scale=d**-0.5)
         for r in range(order.shape[0]):
             core.forward_round(qk, v, pos, order[r], bkt[r], out, top, total, **kw)
-        out.div_(total.masked_fill(total == 0, 1.0).unsqueeze(-1))
+        out.div_(total.masked_fill(total == 0, 1.0).to(acc).unsqueeze(-1))
         self_only = (top == NEG_INF) & (pos >= 0)
-        lse = top.add_(total.log_())
+        lse = top + total.log()
         if bool(self_only.any()):
             out[self_only] = v[self_only].to(acc)
             lse.masked_fill_(self_only, SELF_ONLY_LSE)
         out = out.to(qk.dtype)
-        ctx.save_for_backward(qk, v, pos, order, bkt, out, lse, self_only)
+        # huge logits: lse = top + log(total) cannot hold log(total) next to a huge top, even in
+        # float64; backward then uses lse = top and folds 1 / total into dO and delta
+        rebase = (top.abs() > REBASE_ABOVE) & (total > 1.0)
+        lse_b = torch.where(rebase, top, lse)
+        factor = torch.where(rebase, total.reciprocal(), torch.ones_like(total)) if bool(rebase.any()) else None
+        ctx.save_for_backward(qk, v, pos, order, bkt, out, lse_b, self_only, factor)  # float64 lse
         ctx.core, ctx.kw = core, kw
-        return out, lse
+        return out, lse.to(acc)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dout: Optional[Tensor], dlse: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
-        qk, v, pos, order, bkt, out, lse, self_only = ctx.saved_tensors
+        qk, v, pos, order, bkt, out, lse, self_only, factor = ctx.saved_tensors
         g, n, d = qk.shape
         acc = compute_dtype(qk.dtype)
         if dout is None:
@@ -191,10 +196,14 @@ class LSHAttentionFunction(torch.autograd.Function):
             delta[sl] = torch.linalg.vecdot(dout[sl].to(acc), out[sl].to(acc))
         if dlse is not None:
             delta.sub_(dlse.to(acc).masked_fill(self_only | (pos < 0), 0.0))
+        do_rounds = dout
+        if factor is not None:  # see forward: p = exp(s - top) / total
+            do_rounds = dout * factor.to(dout.dtype if dout.dtype == torch.float64 else acc).unsqueeze(-1)
+            delta = delta * factor.to(acc)
         dqk = torch.zeros(g, n, d, dtype=acc, device=qk.device)
         dv = torch.zeros_like(dqk)
         for r in range(order.shape[0]):
-            ctx.core.backward_round(qk, v, pos, order[r], bkt[r], dout, lse, delta, dqk, dv, **ctx.kw)
+            ctx.core.backward_round(qk, v, pos, order[r], bkt[r], do_rounds, lse, delta, dqk, dv, **ctx.kw)
         if bool(self_only.any()):
             dv[self_only] += dout[self_only].to(acc)
         return dqk.to(qk.dtype), dv.to(v.dtype), None, None, None, None, None, None, None

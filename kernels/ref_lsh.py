@@ -32,6 +32,7 @@ from torch import Tensor
 from .hashing import KEY_EPS, compute_dtype
 
 SLAB_LOGITS_BYTES = 8 * 2**20
+MIN_CHUNKS_PER_GROUP_SLAB = 16  # below this, slabs span several groups (one matmul over copied windows)
 NEG_INF = float("-inf")
 
 
@@ -82,15 +83,16 @@ class _Round:
     # --- slabs -------------------------------------------------------------------------------
     def slabs(self) -> Iterator[tuple[slice, int, int]]:
         """``(groups, c0, c1)``: chunk 0 of every group first (``c0 = 0, c1 = 1``), then chunks
-        ``1..C-1`` in slabs of about ``SLAB_LOGITS_BYTES`` of logits (several whole groups per
-        slab when a group has few chunks)."""
+        ``1..C-1`` of one group in slabs of about ``SLAB_LOGITS_BYTES`` of logits (the windows are
+        then strided views handed to ``bmm``), or several whole groups per slab when a group has
+        fewer than ``MIN_CHUNKS_PER_GROUP_SLAB`` chunks."""
         yield slice(0, self.g), 0, 1
         rest = self.n_chunks - 1
         if rest == 0:
             return
         per_chunk = self.bs * self.window * torch.finfo(self.dtype).bits // 8
         step = max(1, SLAB_LOGITS_BYTES // per_chunk)
-        if step >= rest:
+        if rest < MIN_CHUNKS_PER_GROUP_SLAB:  # few chunks: several whole groups per slab (copied windows)
             groups = max(1, step // rest)
             for g0 in range(0, self.g, groups):
                 yield slice(g0, min(self.g, g0 + groups)), 1, self.n_chunks
@@ -174,12 +176,13 @@ def fwd(qk: Tensor, v: Tensor, pos: Tensor, bkt: Tensor, *, bucket_size: int, ca
         scale: float) -> tuple[Tensor, Tensor]:
     """One round's attention on sorted rows (see the module docstring for the permitted keys).
 
-    Returns out ``(G, Np, D)`` (input dtype) and lse ``(G, Np)`` (float32; float64 for float64
-    inputs; -inf where a row has no permitted key, and then out is 0).
+    Returns out ``(G, Np, D)`` (input dtype) and lse ``(G, Np)`` (float64, whatever the input
+    dtype: the max logit plus the log of the sum, so huge logits lose no digits; -inf where a row
+    has no permitted key, and then out is 0).
     """
     rnd = _Round(qk, v, pos, bkt, bucket_size, causal, causal_mode, scale)
     out = torch.empty(qk.shape, dtype=rnd.dtype, device=qk.device)
-    lse = torch.empty(qk.shape[:2], dtype=rnd.dtype, device=qk.device)
+    lse = torch.empty(qk.shape[:2], dtype=torch.float64, device=qk.device)
     for gs, c0, c1 in rnd.slabs():
         s = rnd.logits(rnd.rows(rnd.x, gs, c0, c1), rnd.windows(rnd.k, gs, c0, c1), gs, c0, c1)
         top = s.amax(dim=-1, keepdim=True)
@@ -188,7 +191,8 @@ def fwd(qk: Tensor, v: Tensor, pos: Tensor, bkt: Tensor, *, bucket_size: int, ca
         total = p.sum(dim=-1, keepdim=True)
         o = _matmul(p, rnd.windows(rnd.v, gs, c0, c1)).div_(total.masked_fill(total == 0, 1.0))
         rnd.rows(out, gs, c0, c1).copy_(o)
-        rnd.rows(lse, gs, c0, c1).copy_(top.add_(total.log_()).squeeze(-1))
+        # max logit + log(sum): in float64, so that the lse keeps every digit of a huge max logit
+        rnd.rows(lse, gs, c0, c1).copy_((top.double() + total.double().log_()).squeeze(-1))
     return out.to(qk.dtype), lse
 
 
@@ -198,7 +202,7 @@ def bwd(qk: Tensor, v: Tensor, pos: Tensor, bkt: Tensor, do: Tensor, lse: Tensor
     "Backward": ``delta = rowsum(dO * O) - dlse``).
 
     qk, v, do: ``(G, Np, D)``; pos, bkt: ``(G, Np)``; lse, delta: ``(G, Np)`` in this round's order
-    (lse -inf = no key: p = 0). With ``p = exp(s - lse)``: ``dv += p^T dO``,
+    (lse -inf = no key: p = 0; a float64 lse is used to full precision). With ``p = exp(s - lse)``: ``dv += p^T dO``,
     ``ds = p (dO v^T - delta)``, ``dq = ds k``, ``dk = ds^T q``, and dk is chained through
     ``k = qk / max(||qk||, KEY_EPS)`` into dqk. Returns dqk, dv ``(G, Np, D)`` in float32 (float64
     for float64 inputs).
@@ -207,9 +211,14 @@ def bwd(qk: Tensor, v: Tensor, pos: Tensor, bkt: Tensor, do: Tensor, lse: Tensor
     dqk = torch.zeros(qk.shape, dtype=rnd.dtype, device=qk.device)
     dk = torch.zeros_like(dqk)  # gradient w.r.t. the normalised keys
     dv = torch.zeros_like(dqk)
-    do = do.to(rnd.dtype)
-    lse = lse.to(rnd.dtype).masked_fill(lse == NEG_INF, 0.0)  # such rows have only -inf logits
-    delta = delta.to(rnd.dtype)
+    # p = exp(s - lse) with lse = hi + lo, hi = lse rounded to the compute dtype: p = exp(s - hi) * exp(-lo),
+    # and the per-row factor exp(-lo) is folded into dO and delta (exact for any logit magnitude)
+    lse64 = lse.double().masked_fill(lse == NEG_INF, 0.0)  # such rows have only -inf logits
+    hi = lse64.to(rnd.dtype)
+    factor = torch.exp(hi.double() - lse64).to(rnd.dtype)
+    lse = hi
+    do = do.to(rnd.dtype) * factor.unsqueeze(-1)
+    delta = delta.to(rnd.dtype) * factor
     for gs, c0, c1 in rnd.slabs():
         q, d_out = rnd.rows(rnd.x, gs, c0, c1), rnd.rows(do, gs, c0, c1)
         k = rnd.windows(rnd.k, gs, c0, c1)
