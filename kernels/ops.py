@@ -6,12 +6,13 @@ padding) and the Triton full-attention kernels cannot be traced by dynamo; wrapp
 ops they are single opaque graph nodes with fake (meta) implementations for shape propagation
 and registered autograd formulas:
 
-- ``reformer::lsh_attention(qk, v, rotations, key_padding_mask, bucket_size, causal,
-  causal_mode, backend) -> (out, lse)``
+- ``reformer::lsh_attention(qk, v, rotations, key_padding_mask, n_buckets, bucket_size, causal,
+  causal_mode, backend) -> (out, lse)`` (``n_buckets``: ``[n]`` plain or ``[n1, n2]``
+  factorised)
 - ``reformer::full_attention(q, k, v, key_padding_mask, causal, backend) -> out``
-- ``reformer::seeded_rotations(seed, heads, dim, n_hashes, half, device) -> rotations``: the
-  rotations drawn from a seeded CPU generator (a generator cannot be created inside a
-  compiled region).
+- ``reformer::seeded_rotations(seed, heads, dim, n_hashes, width, device) -> rotations``: the
+  rotations ``make_rotations(..., seed=seed)`` draws from a seeded CPU generator (a generator
+  cannot be created inside a compiled region).
 
 Each forward op runs the eager public function (``reformer.kernels.lsh_attention`` /
 ``full_attention``) without autograd; its backward op recomputes that forward under autograd
@@ -25,8 +26,7 @@ go through these ops.
 """
 from __future__ import annotations
 
-import inspect
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -53,68 +53,72 @@ class _autograd_on:
         return False
 
 
-def _lsh_call(qk: Tensor, v: Tensor, rotations: Tensor, key_padding_mask: Optional[Tensor], bucket_size: int,
-              causal: bool, causal_mode: str, backend: str) -> tuple[Tensor, Tensor]:
+def _lsh_call(qk: Tensor, v: Tensor, rotations: Tensor, key_padding_mask: Optional[Tensor], n_buckets: list[int],
+              bucket_size: int, causal: bool, causal_mode: str, backend: str) -> tuple[Tensor, Tensor]:
     from .api import lsh_attention
 
-    kwargs = {}
-    if "causal_mode" in inspect.signature(lsh_attention).parameters:
-        kwargs["causal_mode"] = causal_mode
-    elif causal_mode != "chunk":
-        raise ValueError(f"causal_mode={causal_mode!r} is not supported by this version of lsh_attention")
-    return lsh_attention(qk, v, bucket_size=bucket_size, n_hashes=rotations.shape[2], causal=causal,
-                         key_padding_mask=key_padding_mask, rotations=rotations, backend=backend, return_lse=True,
-                         **kwargs)
+    return lsh_attention(qk, v, bucket_size=bucket_size, n_hashes=rotations.shape[2], n_buckets=_n_buckets(n_buckets),
+                         causal=causal, causal_mode=causal_mode, key_padding_mask=key_padding_mask,
+                         rotations=rotations, backend=backend, return_lse=True)
+
+
+def _n_buckets(n_buckets: list[int]) -> Union[int, tuple[int, int]]:
+    """``[n]`` -> n (plain hashing), ``[n1, n2]`` -> (n1, n2) (factorised)."""
+    return n_buckets[0] if len(n_buckets) == 1 else tuple(n_buckets)
+
+
+def n_buckets_arg(n_buckets: Union[int, tuple[int, int], list[int]]) -> list[int]:
+    """The op argument for an ``n_buckets`` of ``lsh_attention``."""
+    return [n_buckets] if isinstance(n_buckets, int) else list(n_buckets)
 
 
 @torch.library.custom_op("reformer::lsh_attention", mutates_args=())
-def lsh_attention_op(qk: Tensor, v: Tensor, rotations: Tensor, key_padding_mask: Optional[Tensor], bucket_size: int,
-                     causal: bool, causal_mode: str, backend: str) -> tuple[Tensor, Tensor]:
+def lsh_attention_op(qk: Tensor, v: Tensor, rotations: Tensor, key_padding_mask: Optional[Tensor], n_buckets: list[int],
+                     bucket_size: int, causal: bool, causal_mode: str, backend: str) -> tuple[Tensor, Tensor]:
     """Shared-QK LSH attention; returns out (B, H, N, D) in qk's dtype and lse (B, H, N)."""
     with torch.no_grad():
-        out, lse = _lsh_call(qk, v, rotations, key_padding_mask, bucket_size, causal, causal_mode, backend)
+        out, lse = _lsh_call(qk, v, rotations, key_padding_mask, n_buckets, bucket_size, causal, causal_mode, backend)
     return out.clone() if out is v else out, lse
 
 
 @lsh_attention_op.register_fake
-def _(qk, v, rotations, key_padding_mask, bucket_size, causal, causal_mode, backend):
+def _(qk, v, rotations, key_padding_mask, n_buckets, bucket_size, causal, causal_mode, backend):
     lse_dtype = torch.float64 if qk.dtype == torch.float64 else torch.float32
     return torch.empty_like(v), qk.new_empty(qk.shape[:3], dtype=lse_dtype)
 
 
 @torch.library.custom_op("reformer::lsh_attention_backward", mutates_args=())
 def lsh_attention_backward_op(qk: Tensor, v: Tensor, rotations: Tensor, key_padding_mask: Optional[Tensor],
-                              dout: Tensor, dlse: Tensor, bucket_size: int, causal: bool, causal_mode: str,
-                              backend: str) -> tuple[Tensor, Tensor]:
+                              dout: Tensor, dlse: Tensor, n_buckets: list[int], bucket_size: int, causal: bool,
+                              causal_mode: str, backend: str) -> tuple[Tensor, Tensor]:
     """(dqk, dv) of ``lsh_attention`` given the gradients of out and lse (recomputes the forward)."""
     with _autograd_on():
         qk_, v_ = qk.detach().requires_grad_(), v.detach().requires_grad_()
-        out, lse = _lsh_call(qk_, v_, rotations, key_padding_mask, bucket_size, causal, causal_mode, backend)
+        out, lse = _lsh_call(qk_, v_, rotations, key_padding_mask, n_buckets, bucket_size, causal, causal_mode,
+                             backend)
         dqk, dv = torch.autograd.grad((out, lse), (qk_, v_), (dout.to(out.dtype), dlse.to(lse.dtype)),
                                       allow_unused=True)
     return (torch.zeros_like(qk) if dqk is None else dqk), (torch.zeros_like(v) if dv is None else dv)
 
 
 @lsh_attention_backward_op.register_fake
-def _(qk, v, rotations, key_padding_mask, dout, dlse, bucket_size, causal, causal_mode, backend):
+def _(qk, v, rotations, key_padding_mask, dout, dlse, n_buckets, bucket_size, causal, causal_mode, backend):
     return torch.empty_like(qk), torch.empty_like(v)
 
 
 def _lsh_setup(ctx, inputs, output) -> None:
-    qk, v, rotations, key_padding_mask, bucket_size, causal, causal_mode, backend = inputs
+    qk, v, rotations, key_padding_mask, n_buckets, bucket_size, causal, causal_mode, backend = inputs
     ctx.save_for_backward(qk, v, rotations, key_padding_mask)
-    ctx.options = (bucket_size, causal, causal_mode, backend)
+    ctx.options = (n_buckets, bucket_size, causal, causal_mode, backend)
 
 
 def _lsh_backward(ctx, dout, dlse):
     qk, v, rotations, key_padding_mask = ctx.saved_tensors
-    bucket_size, causal, causal_mode, backend = ctx.options
     dout = torch.zeros_like(v) if dout is None else dout
     dlse = qk.new_zeros(qk.shape[:3], dtype=torch.float64 if qk.dtype == torch.float64 else torch.float32) \
         if dlse is None else dlse
-    dqk, dv = lsh_attention_backward_op(qk, v, rotations, key_padding_mask, dout, dlse, bucket_size, causal,
-                                        causal_mode, backend)
-    return dqk, dv, None, None, None, None, None, None
+    dqk, dv = lsh_attention_backward_op(qk, v, rotations, key_padding_mask, dout, dlse, *ctx.options)
+    return dqk, dv, None, None, None, None, None, None, None
 
 
 lsh_attention_op.register_autograd(_lsh_backward, setup_context=_lsh_setup)
@@ -172,14 +176,14 @@ full_attention_op.register_autograd(_full_backward, setup_context=_full_setup)
 
 
 @torch.library.custom_op("reformer::seeded_rotations", mutates_args=())
-def seeded_rotations_op(seed: int, heads: int, dim: int, n_hashes: int, half: int, device: torch.device) -> Tensor:
-    """``make_rotations(..., seed=seed)``: Gaussian (H, D, n_hashes, half) float32 from a CPU
-    generator seeded with ``seed``, moved to ``device``."""
-    from .lsh_common import make_rotations
-
-    return make_rotations(heads, dim, n_hashes, 2 * half, seed=seed, device=device)
+def seeded_rotations_op(seed: int, heads: int, dim: int, n_hashes: int, width: int, device: torch.device) -> Tensor:
+    """``make_rotations(heads, dim, n_hashes, n_buckets, seed=seed, device=device)`` for any
+    ``n_buckets`` of rotation width ``width``: Gaussian (H, D, n_hashes, width) float32 from a
+    CPU generator seeded with ``seed``, moved to ``device``."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn((heads, dim, n_hashes, width), generator=generator).to(device)
 
 
 @seeded_rotations_op.register_fake
-def _(seed, heads, dim, n_hashes, half, device):
-    return torch.empty((heads, dim, n_hashes, half), dtype=torch.float32, device=device)
+def _(seed, heads, dim, n_hashes, width, device):
+    return torch.empty((heads, dim, n_hashes, width), dtype=torch.float32, device=device)

@@ -143,21 +143,33 @@ def _bwd_dq_kernel(
     store_tile(DQ + g * stride_qg, dq * scale, offs_m, n_q, offs_d, head_dim, stride_qn)
 
 
-# Block configs: the forward is autotuned on GPU over two configs; each backward kernel has one
-# (dk/dv: few queries per step against a wide key block; dq: the transpose). float32 uses
-# smaller tiles: its 3xTF32 dots need more registers and shared memory. The interpreter runs
+# Block configs per (dtype, head block): the forward is autotuned on GPU over two configs; each
+# backward kernel has one (dk/dv: few queries per step against a wide key block; dq: the
+# transpose). Chosen so that no configuration spills registers on sm_80 / sm_90 with the JIT's
+# specialisation for aligned inputs (``python -m reformer.kernels.triton_aot``; docs/triton.md):
+# float32 (3xTF32 dots) and head dim 128 need smaller tiles or more warps. The interpreter runs
 # one fixed config per kernel with unequal blocks (partial blocks, causal block bounds); the
 # tests also run every GPU config under the interpreter.
-_F32 = (KernelConfig({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),)
-_HALF_FWD = (
-    KernelConfig({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-    KernelConfig({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-)
-_HALF_DKDV = (KernelConfig({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),)
-_HALF_DQ = (KernelConfig({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),)
-FWD_CONFIGS = {torch.float32: _F32, torch.float16: _HALF_FWD, torch.bfloat16: _HALF_FWD}
-DKDV_CONFIGS = {torch.float32: _F32, torch.float16: _HALF_DKDV, torch.bfloat16: _HALF_DKDV}
-DQ_CONFIGS = {torch.float32: _F32, torch.float16: _HALF_DQ, torch.bfloat16: _HALF_DQ}
+def _cfg(m: int, n: int, warps: int = 4, stages: int = 2) -> KernelConfig:
+    return KernelConfig({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+
+
+def _configs(half: dict, f32: dict) -> dict:
+    """{(dtype, head block): configs} from {head block: configs} per precision."""
+    table = {}
+    for block_d in (16, 32, 64, 128):
+        table[(torch.float16, block_d)] = table[(torch.bfloat16, block_d)] = tuple(half[block_d])
+        table[(torch.float32, block_d)] = tuple(f32[block_d])
+    return table
+
+
+_HALF_FWD = (_cfg(64, 64), _cfg(128, 64, 8))
+FWD_CONFIGS = _configs({16: _HALF_FWD, 32: _HALF_FWD, 64: _HALF_FWD, 128: (_cfg(64, 64, 8), _cfg(128, 64, 8))},
+                       {d: (_cfg(32, 32),) for d in (16, 32, 64, 128)})
+DKDV_CONFIGS = _configs({16: (_cfg(32, 64),), 32: (_cfg(32, 64),), 64: (_cfg(32, 64),), 128: (_cfg(32, 32),)},
+                        {16: (_cfg(32, 32),), 32: (_cfg(16, 32),), 64: (_cfg(16, 32),), 128: (_cfg(16, 16, 8),)})
+DQ_CONFIGS = _configs({d: (_cfg(64, 32),) for d in (16, 32, 64, 128)},
+                      {16: (_cfg(32, 32),), 32: (_cfg(32, 16),), 64: (_cfg(32, 32),), 128: (_cfg(16, 32),)})
 _TUNE_KEY = ("n_q", "n_k", "causal", "BLOCK_D")
 _FWD = Launcher(_fwd_kernel, FWD_CONFIGS, _TUNE_KEY, KernelConfig({"BLOCK_M": 64, "BLOCK_N": 32}))
 _BWD_DKDV = Launcher(_bwd_dkdv_kernel, DKDV_CONFIGS, _TUNE_KEY, KernelConfig({"BLOCK_M": 32, "BLOCK_N": 64}))

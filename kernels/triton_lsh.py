@@ -63,7 +63,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .lsh_common import KEY_EPS
+from .hashing import KEY_EPS
 from .triton_configs import AotSpec, KernelConfig, Launcher, check_kernel_dtype, dot_dtype, head_block
 from .triton_tiles import (
     INT32_LIMIT,
@@ -338,24 +338,30 @@ def _lsh_bwd_dkdv_kernel(
 
 # Block configs per (dtype, head block), independent of bucket_size: a block may span several
 # chunks and pairs are masked by chunk. Chosen so that no configuration spills registers on
-# sm_80 / sm_90 (checked by ``python -m reformer.kernels.triton_aot``, see docs/triton.md).
+# sm_80 / sm_90 with the JIT's specialisation for aligned inputs (checked by
+# ``python -m reformer.kernels.triton_aot`` and tests/test_triton_compile.py; docs/triton.md).
+# The key-centric dk/dv kernel holds two float32 accumulators per key row, so it streams
+# narrower query blocks with more warps; float32 needs smaller tiles (3xTF32 dots).
 # The interpreter uses unequal blocks that straddle chunk boundaries in the tests.
-_HALF = KernelConfig({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)
-_F32 = KernelConfig({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)
+def _cfg(m: int, n: int, warps: int = 4, stages: int = 2) -> KernelConfig:
+    return KernelConfig({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
 
 
-def _configs(half: KernelConfig, f32: KernelConfig, **by_block: tuple[KernelConfig, KernelConfig]) -> dict:
-    """{(dtype, head block): (config,)}: ``half``/``f32`` unless ``by_block["D<n>"] = (half, f32)``."""
+def _configs(half: dict[int, KernelConfig], f32: dict[int, KernelConfig]) -> dict:
+    """{(dtype, head block): (config,)} from {head block: config} per precision."""
     table = {}
     for block_d in (16, 32, 64, 128):
-        h, f = by_block.get(f"D{block_d}", (half, f32))
-        table.update({(torch.float16, block_d): (h,), (torch.bfloat16, block_d): (h,), (torch.float32, block_d): (f,)})
+        table[(torch.float16, block_d)] = table[(torch.bfloat16, block_d)] = (half[block_d],)
+        table[(torch.float32, block_d)] = (f32[block_d],)
     return table
 
 
-FWD_CONFIGS = _configs(_HALF, _F32)
-DQ_CONFIGS = _configs(_HALF, _F32)
-DKDV_CONFIGS = _configs(_HALF, _F32)
+FWD_CONFIGS = _configs({16: _cfg(64, 64), 32: _cfg(64, 64), 64: _cfg(64, 64), 128: _cfg(32, 32)},
+                       {16: _cfg(32, 32, 8), 32: _cfg(32, 32), 64: _cfg(32, 32), 128: _cfg(32, 32, 8)})
+DQ_CONFIGS = _configs({16: _cfg(64, 64), 32: _cfg(64, 64), 64: _cfg(64, 64), 128: _cfg(64, 32)},
+                      {16: _cfg(32, 32), 32: _cfg(32, 32), 64: _cfg(32, 32), 128: _cfg(16, 32)})
+DKDV_CONFIGS = _configs({16: _cfg(32, 64, 8), 32: _cfg(32, 64, 8), 64: _cfg(32, 64, 8), 128: _cfg(32, 32, 8)},
+                        {16: _cfg(32, 32), 32: _cfg(16, 32), 64: _cfg(16, 32), 128: _cfg(16, 16, 8)})
 _TUNE_KEY = ("n_slots", "bucket_size", "BLOCK_D")
 _INTERPRETER_CONFIG = KernelConfig({"BLOCK_M": 64, "BLOCK_N": 32})
 _FWD = Launcher(_lsh_fwd_kernel, FWD_CONFIGS, _TUNE_KEY, _INTERPRETER_CONFIG, restore=("Out", "Top", "Total"))

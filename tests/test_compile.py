@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from reformer.kernels import full_attention, lsh_attention, ops
-from reformer.kernels.lsh_common import default_n_buckets, make_rotations
+from reformer.kernels.hashing import default_n_buckets, make_rotations, rotation_width
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,8 +24,8 @@ def _lsh_inputs(b=1, h=2, n=37, d=16, n_hashes=2, n_buckets=4, seed=0, pad=True)
 def test_opcheck_lsh_attention():
     qk, v, _, rotations, mask = _lsh_inputs(n=10)
     for m in (mask, None):
-        torch.library.opcheck(ops.lsh_attention_op, (qk.requires_grad_(), v.requires_grad_(), rotations, m, 4, True,
-                                                     "chunk", "torch"))
+        torch.library.opcheck(ops.lsh_attention_op, (qk.requires_grad_(), v.requires_grad_(), rotations, m, [4], 4,
+                                                     True, "chunk", "torch"))
 
 
 def test_opcheck_full_attention():
@@ -38,6 +38,8 @@ def test_opcheck_seeded_rotations():
     torch.library.opcheck(ops.seeded_rotations_op, (3, 2, 8, 2, 3, torch.device("cpu")))
     r = ops.seeded_rotations_op(3, 2, 8, 2, 3, torch.device("cpu"))
     assert torch.equal(r, make_rotations(2, 8, 2, 6, seed=3, device=torch.device("cpu")))
+    r = ops.seeded_rotations_op(3, 2, 8, 2, 4, torch.device("cpu"))  # factorised (4, 4): width 2 + 2
+    assert torch.equal(r, make_rotations(2, 8, 2, (4, 4), seed=3, device=torch.device("cpu")))
 
 
 def _grads(fn, inputs, do):
@@ -52,16 +54,16 @@ def _assert_same(got, want, tol):
         assert (x - y).abs().max().item() <= tol
 
 
-def _lsh_op(backend, rotations, mask, causal=False):
-    return lambda qk, v: ops.lsh_attention_op(qk, v, rotations, mask, 8, causal, "chunk", backend)[0]
+def _lsh_op(backend, rotations, mask, causal=False, mode="chunk"):
+    return lambda qk, v: ops.lsh_attention_op(qk, v, rotations, mask, [4], 8, causal, mode, backend)[0]
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_compiled_lsh_op_matches_eager_lsh_attention(causal):
+@pytest.mark.parametrize("causal,mode", [(False, "chunk"), (True, "chunk"), (True, "bucket")])
+def test_compiled_lsh_op_matches_eager_lsh_attention(causal, mode):
     qk, v, do, rotations, mask = _lsh_inputs()
     eager = lambda qk, v: lsh_attention(qk, v, bucket_size=8, n_hashes=2, causal=causal,  # noqa: E731
-                                        key_padding_mask=mask, rotations=rotations, backend="torch")
-    compiled = torch.compile(_lsh_op("torch", rotations, mask, causal), fullgraph=True, backend="aot_eager")
+                                        causal_mode=mode, key_padding_mask=mask, rotations=rotations, backend="torch")
+    compiled = torch.compile(_lsh_op("torch", rotations, mask, causal, mode), fullgraph=True, backend="aot_eager")
     _assert_same(_grads(compiled, (qk, v), do), _grads(eager, (qk, v), do), 1e-6)
 
 
@@ -87,9 +89,9 @@ def test_compiled_full_op_triton_backend_under_the_interpreter():
 
 def test_compiled_seeded_rotations_inside_a_graph():
     def f(qk, v):
-        half = default_n_buckets(qk.shape[2], 8) // 2  # what lsh_attention draws without rotations
-        rot = ops.seeded_rotations_op(5, qk.shape[1], qk.shape[3], 2, half, qk.device)
-        return ops.lsh_attention_op(qk, v, rot, None, 8, False, "chunk", "torch")[0]
+        n_buckets = default_n_buckets(qk.shape[2], 8)  # what lsh_attention draws without rotations
+        rot = ops.seeded_rotations_op(5, qk.shape[1], qk.shape[3], 2, rotation_width(n_buckets), qk.device)
+        return ops.lsh_attention_op(qk, v, rot, None, ops.n_buckets_arg(n_buckets), 8, False, "chunk", "torch")[0]
 
     qk, v, do, _, _ = _lsh_inputs(pad=False)
     eager = lambda qk, v: lsh_attention(qk, v, bucket_size=8, n_hashes=2, seed=5, backend="torch")  # noqa: E731

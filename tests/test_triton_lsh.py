@@ -350,3 +350,116 @@ def test_near_zero_and_huge_norm_rows_stay_finite_and_accurate_in_half_precision
     for got, want in ((dqk, dqk_ref), (dv, dv_ref)):
         assert torch.isfinite(got).all()
         _assert_rows_close(got, want, 1e-3)
+
+
+# ------------------------------------------------------------------ lsh_attention end to end
+from reformer.kernels import lsh_attention  # noqa: E402
+from reformer.kernels import ref_lsh  # noqa: E402
+from reformer.kernels.hashing import make_rotations  # noqa: E402
+from reformer.kernels.lsh_function import SortedCoreAdapter, lsh_attention_rounds  # noqa: E402
+
+LOW_PRECISION_FLOOR = 1e-5  # both errors are vs float64; covers a torch error of exactly 0
+
+
+def _lsh_inputs(b, h, n, d, dtype, pad, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    qk, v, do = (torch.randn(b, h, n, d, generator=gen).to(dtype) for _ in range(3))
+    mask = torch.rand(b, n, generator=gen) < 0.3 if pad else None
+    return qk, v, do, mask
+
+
+def _lsh_run(qk, v, do, mask, core, dtype=None, **kw):
+    """[out, dqk, dv] of LSH attention in ``dtype`` (default: the inputs' dtype) with ``core``:
+    "torch" / "triton" (``lsh_attention``'s backends: the Triton sorted core behind the generic
+    adapter) or "triton-rounds" (the Triton round-level kernels as the Function's core)."""
+    qk, v = (x.to(dtype or x.dtype).detach().requires_grad_() for x in (qk, v))
+    if core == "triton-rounds":
+        b, h, n, d = qk.shape
+        rot = make_rotations(h, d, kw.pop("n_hashes"), kw["n_buckets"], seed=1234, device=qk.device)
+        x, y = qk, v
+        if mask is not None:
+            x, y = (t.masked_fill(mask[:, None, :, None], 0.0) for t in (qk, v))
+        out, _ = lsh_attention_rounds(x, y, core=triton_lsh, key_padding_mask=mask, rotations=rot, **kw)
+    else:
+        out = lsh_attention(qk, v, key_padding_mask=mask, backend=core, seed=1234, **kw)
+    return [out, *torch.autograd.grad(out, (qk, v), do.to(out.dtype))]
+
+
+# (B, H, N, D, bucket_size, n_hashes, causal, causal_mode, pad): every N in {1, 7, 100, 257},
+# both causal modes and non-causal, padding both ways
+E2E_CASES = [
+    (1, 2, 1, 16, 16, 1, False, "chunk", False),
+    (2, 1, 7, 64, 4, 3, True, "bucket", True),
+    (1, 2, 100, 16, 32, 3, False, "chunk", True),
+    (2, 1, 257, 32, 16, 1, True, "chunk", True),
+    (1, 2, 100, 16, 16, 2, True, "bucket", False),
+    (2, 1, 7, 16, 4, 2, True, "chunk", False),
+]
+CORES = ["triton", "triton-rounds"]
+
+
+@pytest.mark.parametrize("core", CORES)
+@pytest.mark.parametrize("b,h,n,d,bucket_size,n_hashes,causal,mode,pad", E2E_CASES)
+def test_lsh_attention_float32_matches_torch_backend(core, b, h, n, d, bucket_size, n_hashes, causal, mode, pad):
+    qk, v, do, mask = _lsh_inputs(b, h, n, d, torch.float32, pad)
+    kw = dict(bucket_size=bucket_size, n_hashes=n_hashes, causal=causal, causal_mode=mode,
+              n_buckets=2 * max(1, -(-n // bucket_size)))
+    got = _lsh_run(qk, v, do, mask, core, **kw)
+    want = _lsh_run(qk, v, do, mask, "torch", **kw)
+    for name, x, y in zip(("out", "dqk", "dv"), got, want):
+        assert torch.isfinite(x).all(), name
+        assert (x - y).abs().max().item() <= FP32_TOL, name
+
+
+LOW_PRECISION_CASES = [
+    (torch.float16, 2, 1, 100, 64, 32, 3, True, "bucket", True),
+    (torch.float16, 1, 2, 7, 16, 4, 3, False, "chunk", False),
+    (torch.bfloat16, 1, 2, 257, 16, 16, 1, True, "chunk", True),
+    (torch.bfloat16, 2, 1, 100, 32, 16, 2, True, "bucket", False),
+]
+
+
+@pytest.mark.parametrize("core", CORES)
+@pytest.mark.parametrize("dtype,b,h,n,d,bucket_size,n_hashes,causal,mode,pad", LOW_PRECISION_CASES)
+def test_lsh_attention_low_precision_error_within_twice_torch_error(core, dtype, b, h, n, d, bucket_size, n_hashes,
+                                                                    causal, mode, pad):
+    qk, v, do, mask = _lsh_inputs(b, h, n, d, dtype, pad)
+    kw = dict(bucket_size=bucket_size, n_hashes=n_hashes, causal=causal, causal_mode=mode,
+              n_buckets=2 * max(1, -(-n // bucket_size)))
+    ref = _lsh_run(qk, v, do, mask, "torch", torch.float64, **kw)
+    torch_err = [(x.double() - r).abs().max().item() for x, r in zip(_lsh_run(qk, v, do, mask, "torch", **kw), ref)]
+    got = _lsh_run(qk, v, do, mask, core, **kw)
+    for name, x, r, bound in zip(("out", "dqk", "dv"), got, ref, torch_err):
+        assert x.dtype == dtype, name
+        assert (x.double() - r).abs().max().item() <= 2 * bound + LOW_PRECISION_FLOOR, name
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_lsh_attention_fully_padded_sequence_gives_zeros(core):
+    qk, v, do, mask = _lsh_inputs(2, 2, 40, 16, torch.float32, pad=True)
+    mask[1] = True
+    out, dqk, dv = _lsh_run(qk, v, do, mask, core, bucket_size=16, n_hashes=2, n_buckets=6, causal=False,
+                            causal_mode="chunk")
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert (out[0][:, mask[0]] == 0).all()  # padded positions of the other sequence
+    for grad in (dqk, dv):
+        assert torch.isfinite(grad).all()
+        assert torch.equal(grad[1], torch.zeros_like(grad[1]))
+        assert (grad[0][:, mask[0]] == 0).all()
+
+
+def test_round_level_core_equals_the_adapter_around_the_reference():
+    """The Function's round-level seam: Triton's forward_round/backward_round and the generic
+    adapter around the torch sorted core give the same out, lse and gradients."""
+    qk, v, do, mask = _lsh_inputs(2, 2, 50, 16, torch.float32, pad=True)
+    rot = make_rotations(2, 16, 3, 8, seed=7, device=torch.device("cpu"))
+    res = []
+    for core in (triton_lsh, SortedCoreAdapter(ref_lsh)):
+        x, y = (t.detach().masked_fill(mask[:, None, :, None], 0.0).requires_grad_() for t in (qk, v))
+        out, lse = lsh_attention_rounds(x, y, core=core, bucket_size=8, causal=True, causal_mode="bucket",
+                                        key_padding_mask=mask, rotations=rot, n_buckets=8)
+        res.append([out, lse, *torch.autograd.grad((out, lse), (x, y), (do, torch.ones_like(lse).masked_fill(
+            ~torch.isfinite(lse), 0.0)))])
+    for name, x, y in zip(("out", "lse", "dqk", "dv"), *res):
+        assert torch.equal(torch.isfinite(x), torch.isfinite(y)), name
+        assert (x[torch.isfinite(x)] - y[torch.isfinite(y)]).abs().max().item() <= FP32_TOL, name
