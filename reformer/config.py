@@ -5,10 +5,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Optional, Union
 
-try:
-    from reformer.kernels import default_n_buckets
-except ImportError:  # TEMP until the kernels export it
-    from reformer.kernels.lsh_common import default_n_buckets
+from reformer.kernels import default_n_buckets
 
 from ._validation import check_axes, check_dropout, check_heads, check_positive, check_seed
 

@@ -21,7 +21,6 @@ the attention probabilities, which LSH attention never materialises.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -29,11 +28,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from reformer.kernels import lsh_attention, lsh_buckets
+from reformer.kernels import default_n_buckets, lsh_attention, lsh_buckets
 
 from ._validation import check_dropout, check_features, check_heads, check_positive, check_seed
 from .config import CAUSAL_MODES, check_n_buckets
-from .generation import SELF_LOGIT, LSHCache, NBuckets, lsh_decode_attention
+from .generation import LSHCache, NBuckets, lsh_decode_attention
 from .recorder import MAX_DENSE_LEN
 
 
@@ -55,37 +54,13 @@ def rotation_width(n_buckets: NBuckets) -> int:
     return n_buckets // 2 if isinstance(n_buckets, int) else n_buckets[0] // 2 + n_buckets[1] // 2
 
 
-def _kernel_has_modes() -> bool:  # TEMP until the kernels take causal_mode/n_buckets
-    import inspect
-
-    return "causal_mode" in inspect.signature(lsh_attention).parameters
-
-
 def _lsh(qk: Tensor, v: Tensor, *, bucket_size: int, n_hashes: int, causal: bool, causal_mode: str,
          n_buckets: Optional[NBuckets], key_padding_mask: Optional[Tensor], rotations: Optional[Tensor] = None,
          seed: Optional[int] = None, backend: str = "auto") -> Tensor:
     """``reformer.kernels.lsh_attention`` with the module's hashing scheme."""
-    if _kernel_has_modes():
-        return lsh_attention(qk, v, bucket_size=bucket_size, n_hashes=n_hashes, causal=causal,
-                             causal_mode=causal_mode, n_buckets=n_buckets, key_padding_mask=key_padding_mask,
-                             rotations=rotations, seed=seed, backend=backend)
-    n_buckets = _default_n_buckets(qk.shape[2], bucket_size) if n_buckets is None else n_buckets
-    if rotations is None:
-        rotations = draw_rotations(qk.shape[1], qk.shape[3], n_hashes, n_buckets, seed=seed, device=qk.device)
-    if causal and causal_mode == "bucket":
-        weights = lsh_attention_weights(qk, bucket_size=bucket_size, n_hashes=n_hashes, n_buckets=n_buckets,
-                                        rotations=rotations, causal=True, key_padding_mask=key_padding_mask)
-        return torch.matmul(weights.to(v.dtype), v)
-    return lsh_attention(qk, v, bucket_size=bucket_size, n_hashes=n_hashes, causal=causal,
-                         key_padding_mask=key_padding_mask, rotations=rotations, backend=backend)
-
-
-def _default_n_buckets(n: int, bucket_size: int) -> NBuckets:
-    try:
-        from reformer.kernels import default_n_buckets
-    except ImportError:  # TEMP until the kernels export it
-        from reformer.kernels.lsh_common import default_n_buckets
-    return default_n_buckets(n, bucket_size)
+    return lsh_attention(qk, v, bucket_size=bucket_size, n_hashes=n_hashes, causal=causal, causal_mode=causal_mode,
+                         n_buckets=n_buckets, key_padding_mask=key_padding_mask, rotations=rotations, seed=seed,
+                         backend=backend)
 
 
 def draw_rotations(heads: int, head_dim: int, n_hashes: int, n_buckets: NBuckets, *, seed: Optional[int],
@@ -136,9 +111,9 @@ def lsh_attention_weights(qk: Tensor, *, bucket_size: int, n_hashes: int, n_buck
     For inspection and small N: ``weights @ v`` is the output of ``reformer.kernels.lsh_attention``
     with the same arguments. Row i gives, per key j, the softmax weight of one softmax over the
     concatenation of every round's key set (a key found in k rounds counts k times, so its
-    weight is k times larger), keys ``qk`` normalised to unit norm, logits ``q.k / sqrt(D)``, the
-    own position with logit -1e5 in every round (so it carries weight only when nothing else is
-    permitted). Padded rows are zero. qk: ``(B, H, N, D)``; rotations as for ``lsh_buckets``.
+    weight is k times larger), keys ``qk`` normalised to unit norm, logits ``q.k / sqrt(D)``; the
+    own position is no key, and a position with no key in any round gets weight 1 on itself
+    (the self rule). Padded rows are zero. qk: ``(B, H, N, D)``; rotations as for ``lsh_buckets``.
     Memory ``O(B H N^2)``. Returns float32 (float64 for float64 qk).
     """
     b, h, n, d = qk.shape
@@ -152,11 +127,11 @@ def lsh_attention_weights(qk: Tensor, *, bucket_size: int, n_hashes: int, n_buck
     x = qk.to(compute)
     keys = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
     logits = torch.matmul(x, keys.transpose(-1, -2)) * d**-0.5 + count.log()  # -inf where never permitted
-    logits.diagonal(dim1=-2, dim2=-1).fill_(SELF_LOGIT + math.log(n_hashes))
     if key_padding_mask is not None:
         logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-        logits = logits.masked_fill(key_padding_mask[:, None, :, None], 0.0)
-    weights = torch.softmax(logits, dim=-1)
+    alone = torch.isinf(logits).all(dim=-1, keepdim=True)  # no key in any round: the self rule
+    weights = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+    weights = weights + alone * torch.eye(n, dtype=compute, device=qk.device)
     if key_padding_mask is not None:
         weights = weights.masked_fill(key_padding_mask[:, None, :, None], 0.0)
     return weights
@@ -222,7 +197,7 @@ class _SharedQKAttention(nn.Module):
         if want_weights and n > MAX_DENSE_LEN:
             raise ValueError(f"need_weights=True forms a dense (B, H, N, N) matrix and is limited to "
                              f"N <= {MAX_DENSE_LEN}, got N={n}")
-        n_buckets = _default_n_buckets(n, self.bucket_size) if self.n_buckets is None else self.n_buckets
+        n_buckets = default_n_buckets(n, self.bucket_size) if self.n_buckets is None else self.n_buckets
         rotations = draw_rotations(self.n_heads, self.head_dim, self.n_hashes, n_buckets,
                                    seed=None if self.training else self.seed, device=qk.device)
         out = _lsh(qk, v, bucket_size=self.bucket_size, n_hashes=self.n_hashes, causal=causal,

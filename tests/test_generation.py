@@ -32,7 +32,7 @@ def naive_bucket_attention(qk, v, buckets, bucket_size):
                 chosen = []
                 for r in range(buckets.shape[2]):
                     same = [j for j in range(i) if buckets[bi, hi, r, j] == buckets[bi, hi, r, i]]
-                    chosen += same[len(same) - (bucket_size - 1):] if bucket_size > 1 else []
+                    chosen += same[max(0, len(same) - (bucket_size - 1)):] if bucket_size > 1 else []
                 if not chosen:
                     out[bi, hi, i] = v[bi, hi, i]
                     continue
@@ -46,7 +46,7 @@ def inputs(b=2, h=2, n=21, d=8, seed=0, dtype=torch.float64):
     return torch.randn(b, h, n, d, generator=g, dtype=dtype), torch.randn(b, h, n, d, generator=g, dtype=dtype)
 
 
-@pytest.mark.parametrize("bucket_size, n_buckets", [(3, 4), (1, 2), (64, 2)])
+@pytest.mark.parametrize("bucket_size, n_buckets", [(3, 4), (1, 2), (64, 2), (4, (2, 4))])
 def test_dense_bucket_weights_match_the_per_query_definition(bucket_size, n_buckets):
     qk, v = inputs()
     rotations = draw_rotations(2, 8, 3, n_buckets, seed=1, device=qk.device)
@@ -67,21 +67,21 @@ def test_dense_chunk_weights_times_v_equal_the_kernel(causal, n):
     mask = torch.arange(n)[None, :] >= torch.tensor([n, n - 3])[:, None]
     weights = lsh_attention_weights(qk, bucket_size=4, n_hashes=2, n_buckets=4, rotations=rotations, causal=causal,
                                     causal_mode="chunk", key_padding_mask=mask)
-    kwargs = dict(causal_mode="chunk", n_buckets=4) if "causal_mode" in lsh_attention.__code__.co_varnames else {}
     out = lsh_attention(qk, v, bucket_size=4, n_hashes=2, causal=causal, key_padding_mask=mask, rotations=rotations,
-                        backend="torch", **kwargs)
+                        causal_mode="chunk", n_buckets=4, backend="torch")
     torch.testing.assert_close(weights @ v, out)
     assert torch.all(weights[1, :, n - 3:] == 0) and torch.all(weights[1, :, :, n - 3:] == 0)
 
 
 def test_lsh_module_bucket_mode_matches_the_per_query_definition():
     torch.manual_seed(0)
-    attn = LSHSelfAttention(16, 2, bucket_size=3, n_hashes=2, causal=True, seed=4, n_buckets=4).double().eval()
+    attn = LSHSelfAttention(16, 2, bucket_size=3, n_hashes=2, causal=True, seed=4, n_buckets=(2, 4)).double().eval()
     x = torch.randn(2, 13, 16, dtype=torch.float64)
     with torch.no_grad():
         qk, v = attn._project(x)
-        rotations = draw_rotations(2, 8, 2, 4, seed=4, device=x.device)
-        expected = naive_bucket_attention(qk, v, lsh_buckets(qk, n_buckets=4, n_hashes=2, rotations=rotations), 3)
+        rotations = draw_rotations(2, 8, 2, (2, 4), seed=4, device=x.device)
+        buckets = lsh_buckets(qk, n_buckets=(2, 4), n_hashes=2, rotations=rotations)
+        expected = naive_bucket_attention(qk, v, buckets, 3)
         expected = attn.out_proj(expected.transpose(1, 2).reshape(2, 13, 16))
         torch.testing.assert_close(attn(x), expected)
 
@@ -96,11 +96,11 @@ def cached_logits(model, tokens, prefill):
     return torch.cat(pieces, dim=1)
 
 
-@pytest.mark.parametrize("attention", ["lsh", "full"])
+@pytest.mark.parametrize("attention, n_buckets", [("lsh", 4), ("lsh", (2, 4)), ("full", 4)])
 @pytest.mark.parametrize("reversible", [True, False])
-def test_cached_decoding_equals_one_full_forward(attention, reversible):
+def test_cached_decoding_equals_one_full_forward(attention, n_buckets, reversible):
     torch.manual_seed(0)
-    config = ReformerConfig(**TINY, attention=attention, reversible=reversible, seed=7)
+    config = ReformerConfig(**{**TINY, "n_buckets": n_buckets}, attention=attention, reversible=reversible, seed=7)
     model = ReformerLM(config).double().eval()
     tokens = torch.randint(0, 32, (2, 40))
     with torch.no_grad():
@@ -268,3 +268,16 @@ def test_generate_benchmark_quick_smoke(tmp_path, capsys):
     assert "cached" in out and "uncached" in out and "speedup" in out
     with pytest.raises(SystemExit):
         main(["--quick", "--new-tokens", "0"])
+
+
+def test_chunk_mode_generates_uncached_with_plain_forwards():
+    torch.manual_seed(0)
+    model = ReformerLM(ReformerConfig(**TINY, attention="lsh", causal_mode="chunk", seed=4)).double().eval()
+    assert not model.supports_cache()
+    prompt = torch.randint(0, 32, (2, 7))
+    out = model.generate(prompt, 5, do_sample=False)  # use_cache=True falls back to full forwards
+    tokens = prompt
+    with torch.no_grad():
+        for _ in range(5):
+            tokens = torch.cat([tokens, model(tokens)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, tokens)
