@@ -1,4 +1,8 @@
-"""Argument checks for the ``torch.nn`` modules: errors name the argument and what was expected."""
+"""Argument checks for the ``torch.nn`` modules: errors name the argument and what was expected.
+
+A value of the wrong type (a float or bool where an int is expected, a non-number, a
+non-tensor) raises ``TypeError``; a value of the right type but out of range ``ValueError``.
+"""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,12 +11,26 @@ import torch
 from torch import Tensor
 
 from reformer.kernels._checks import check_key_padding_mask  # noqa: F401  (re-exported for the modules)
-from reformer.kernels._checks import check_positive_int as check_positive  # int >= 1, bools rejected
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_positive(name: str, value: object) -> int:
+    """``value`` is an int >= 1: ``TypeError`` for a non-int (bools included), ``ValueError`` below 1."""
+    if not _is_int(value):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
 
 
 def check_non_negative(name: str, value: object) -> int:
-    """``value`` is an int >= 0 (bools rejected)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    """``value`` is an int >= 0: ``TypeError`` for a non-int (bools included), ``ValueError`` below 0."""
+    if not _is_int(value):
+        raise TypeError(f"{name} must be a non-negative int, got {value!r}")
+    if value < 0:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
     return value
 
@@ -36,9 +54,19 @@ def check_heads(d_model: int, n_heads: int) -> int:
 
 
 def check_dropout(p: float, name: str = "dropout") -> float:
+    """``p`` is a number in [0, 1)."""
+    if not isinstance(p, (int, float)) or isinstance(p, bool):
+        raise TypeError(f"{name} must be a number in [0, 1), got {p!r}")
     if not 0.0 <= p < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {p}")
     return p
+
+
+def check_param_dtype(name: str, x: Tensor, param: Tensor) -> None:
+    """Outside ``torch.autocast``, ``x`` must have the dtype of the module's parameter ``param``."""
+    if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"{name} has dtype {x.dtype} but the module's parameters are {param.dtype}: convert one "
+                        f"(e.g. {name}.to({param.dtype}) or module.to({x.dtype})) or run under torch.autocast")
 
 
 def check_features(name: str, x: object, d_model: int) -> Tensor:

@@ -5,8 +5,9 @@
 Table 2 of Kitaev et al. (2020) trains a one-layer model on the duplication task with full
 shared-QK attention and with LSH attention of 1, 2, 4 (and 8) hash rounds, and evaluates every
 trained model with every attention. Here "full" is shared-QK attention over the whole sequence,
-run as LSH attention with ``bucket_size = seq_len`` (exactly full shared-QK attention, DESIGN.md
-rule 7), so one set of weights can be evaluated both ways. Defaults are sized to finish in
+run as LSH attention with ``bucket_size = seq_len`` (then LSH attention is exactly full shared-QK
+attention, see docs/lsh.md), so one set of weights can be evaluated both ways. Each model is
+trained by :func:`reformer.train.run` from a :class:`reformer.train_config.TrainConfig`. Defaults are sized to finish in
 minutes on a 2-core CPU (sequence 64 instead of 1024, vocabulary 64 instead of 128, 1,000
 steps of 16 sequences instead of 150K steps).
 """
@@ -24,7 +25,8 @@ import torch
 from torch import nn
 
 from .lsh_attention import LSHSelfAttention
-from .train import build_parser, run
+from .train import run
+from .train_config import TrainConfig
 from .train_dist import DistContext
 from .train_loop import Trainer, evaluate
 
@@ -52,20 +54,18 @@ def duplication_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs") / "duplication-table")
+    p.add_argument("--overwrite", action="store_true", help="replace the runs of an earlier table in --out")
     return p
 
 
-def _train(opts: argparse.Namespace, name: str, bucket_size: int, n_hashes: int) -> Trainer:
-    """One causal LSH model on the duplication task (full attention: bucket_size = seq_len)."""
-    argv = ["--task", "duplication", "--seq-len", opts.seq_len, "--vocab-size", opts.vocab_size,
-            "--d-model", opts.d_model, "--n-heads", opts.n_heads, "--d-ff", 2 * opts.d_model, "--depth", opts.depth,
-            "--attention", "lsh", "--bucket-size", bucket_size, "--n-hashes", n_hashes,
-            "--steps", opts.steps, "--batch-size", opts.batch_size, "--lr", opts.lr, "--warmup", opts.steps // 10,
-            "--eval-every", 0, "--eval-batches", opts.eval_batches, "--log-every", 50,
-            "--save-every", opts.steps, "--seed", opts.seed, "--out", opts.out / name]
-    if opts.threads:
-        argv += ["--threads", opts.threads]
-    return run(build_parser().parse_args([str(a) for a in argv]))
+def train_config(opts: argparse.Namespace, name: str, bucket_size: int, n_hashes: int) -> TrainConfig:
+    """The run of one causal LSH model on the duplication task (full attention: bucket_size = seq_len)."""
+    return TrainConfig(task="duplication", seq_len=opts.seq_len, vocab_size=opts.vocab_size, d_model=opts.d_model,
+                       n_heads=opts.n_heads, d_ff=2 * opts.d_model, depth=opts.depth, attention="lsh",
+                       bucket_size=bucket_size, n_hashes=n_hashes, steps=opts.steps, batch_size=opts.batch_size,
+                       lr=opts.lr, warmup=opts.steps // 10, eval_every=0, eval_batches=opts.eval_batches,
+                       log_every=50, save_every=opts.steps, seed=opts.seed, out=opts.out / name,
+                       threads=opts.threads or None, overwrite=opts.overwrite, export=False)
 
 
 @contextmanager
@@ -102,7 +102,7 @@ def duplication(argv: Optional[Sequence[str]] = None) -> str:
     rows, seconds = {}, {}
     for name, bucket_size, n_hashes in variants:
         tic = time.perf_counter()
-        trainer = _train(opts, name, bucket_size, n_hashes)
+        trainer = run(train_config(opts, name, bucket_size, n_hashes))
         seconds[name] = time.perf_counter() - tic
         rows[name] = [_accuracy(trainer, opts.seq_len, 1)]
         rows[name] += [_accuracy(trainer, opts.bucket_size, h) for h in opts.eval_hashes]

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ._rng import RngState
-from ._validation import check_dropout, check_feature_dim, check_positive
+from ._validation import check_dropout, check_feature_dim, check_param_dtype, check_positive
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "gelu": F.gelu}
 
@@ -38,8 +38,9 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(check_dropout(dropout))
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: floating ``(..., d_model)`` -> ``(..., d_model)``."""
+        """x: floating ``(..., d_model)`` of the parameters' dtype (any under autocast) -> ``(..., d_model)``."""
         check_feature_dim("x", x, self.d_model)
+        check_param_dtype("x", x, self.w1.weight)
         return self.w2(self.dropout(self.activation(self.w1(x))))
 
 
@@ -164,12 +165,16 @@ class ChunkedFeedForward(FeedForward):
         self.chunks = check_positive("chunks", chunks)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: floating ``(..., d_model)`` -> ``(..., d_model)``."""
+        """x: floating ``(..., d_model)`` of the parameters' dtype (any under autocast) -> ``(..., d_model)``."""
         check_feature_dim("x", x, self.d_model)
+        check_param_dtype("x", x, self.w1.weight)
         p = self.dropout.p if self.training else 0.0
         rng = RngState.capture() if p > 0 else None
         tensors = _autocast_inputs(x.reshape(-1, self.d_model), self.w1.weight, self.w1.bias, self.w2.weight,
                                    self.w2.bias)
+        if tensors[0].dtype != tensors[1].dtype:  # float64 input under a half-precision autocast
+            raise TypeError(f"x has dtype {x.dtype}, which torch.autocast does not cast, but the parameters compute "
+                            f"in {tensors[1].dtype}: convert x or run outside autocast")
         with torch.autocast(x.device.type, enabled=False):
             out = _ChunkedFeedForwardFn.apply(*tensors, self.activation_name, p, self.chunks, rng)
         return out.view(x.shape)

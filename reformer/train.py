@@ -1,130 +1,58 @@
-r"""Train a ``ReformerLM`` on long sequences: ``python -m reformer.train --help``.
+r"""Train a ``ReformerLM`` on long sequences: ``python -m reformer.train --help`` or, from Python,
+``reformer.train.run(TrainConfig(...))`` (:class:`reformer.train_config.TrainConfig`).
 
 Tasks: ``duplication`` (the Reformer paper's ``0 w 0 w`` copy task, scored on the second copy)
 and ``text`` (byte-level language modelling on a local file or folder; by default the Python
 standard library's sources, so nothing is downloaded).
 
-    python -m reformer.train --task duplication --seq-len 64 --vocab-size 64 --depth 1 --d-model 128 \
-        --d-ff 256 --attention lsh --bucket-size 8 --n-hashes 2 --steps 1000 --batch-size 16 --lr 2e-3
-    python -m reformer.train --task text --seq-len 2048 --axial-shape 32,64 --ff-chunks 4 --d-model 128 \
-        --n-hashes 2 --batch-size 4 --steps 2000 --out runs/text
-    python -m reformer.train ... --out runs/text --resume          # continue exactly where it stopped
-    torchrun --nproc_per_node=2 -m reformer.train ...              # data parallel (gloo on CPU)
+A run lives in one folder (``out``): ``checkpoint.pt`` (see :mod:`reformer.checkpoint`),
+``log.jsonl`` and, at the end, ``model/`` (``ReformerLM.save_pretrained``). A new run refuses a
+folder that holds one unless ``overwrite``; ``resume`` continues it exactly, refusing changed
+model/data options and applying changed optimisation options (docs/training.md).
 
-``--batch-size`` is the global batch: it is split over the ranks (and ``--grad-accum`` parts),
-so the same command trains the same model on 1 or W processes.
+``batch_size`` is the global batch: it is split over the ranks (and ``grad_accum`` parts), so
+the same command trains the same model on 1 or W processes (``torchrun --nproc_per_node=W``).
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import math
 import random
+import shutil
 import sys
+import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
-from .config import ATTENTIONS, ReformerConfig
-from .data import TASKS, make_task
+from .checkpoint import CheckpointError, load_training_checkpoint, restore_training_state
+from .data import make_task
 from .model import ReformerLM
+from .train_config import TrainConfig, build_parser, config_from_namespace
 from .train_dist import DistContext
 from .train_loop import LoopOptions, Trainer
 
+__all__ = ["TrainConfig", "TrainSetupError", "RunExistsError", "build_parser", "run", "main"]
 
-def _axial_shape(text: str) -> Optional[tuple[int, ...]]:
-    if text.lower() == "none":
-        return None
-    try:
-        return tuple(int(n) for n in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--axial-shape must be comma-separated ints like 64,64 or 'none', got {text!r}")
+RUN_FILES = ("checkpoint.pt", "log.jsonl", "model")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in the option help, examples kept as written."""
+class TrainSetupError(ValueError):
+    """A run cannot start as configured (its folder, its resumption, its batch split); nothing
+    was trained or written. The command line prints the message and exits with status 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    examples = __doc__[__doc__.index("    python -m"):]
-    p = argparse.ArgumentParser(prog="python -m reformer.train", formatter_class=_HelpFormatter,
-                                description="Train a ReformerLM on long sequences (duplication or byte-level text).",
-                                epilog="examples:\n" + examples)
-    t = p.add_argument_group("task")
-    t.add_argument("--task", choices=TASKS, default="duplication")
-    t.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (up to 64K on CPU)")
-    t.add_argument("--vocab-size", type=int, default=128, help="duplication: symbols incl. the separator 0")
-    t.add_argument("--text", type=Path, default=None,
-                   help="text: corpus file or folder; None = the Python standard library's sources")
-    t.add_argument("--text-pattern", default="*", help="text: glob of files inside a --text folder")
-    t.add_argument("--max-bytes", type=int, default=32 * 2**20, help="text: read at most this many corpus bytes")
-    m = p.add_argument_group("model (ReformerConfig)")
-    m.add_argument("--attention", choices=ATTENTIONS, default="lsh")
-    m.add_argument("--n-hashes", type=int, default=4)
-    m.add_argument("--bucket-size", type=int, default=64)
-    m.add_argument("--depth", type=int, default=2)
-    m.add_argument("--d-model", type=int, default=256)
-    m.add_argument("--n-heads", type=int, default=4)
-    m.add_argument("--d-ff", type=int, default=512)
-    m.add_argument("--ff-chunks", type=int, default=1)
-    m.add_argument("--axial-shape", type=_axial_shape, default=None, help="e.g. 64,64; default: sinusoidal")
-    m.add_argument("--reversible", action=argparse.BooleanOptionalAction, default=True)
-    m.add_argument("--dropout", type=float, default=0.0)
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--steps", type=int, default=1000)
-    o.add_argument("--batch-size", type=int, default=8, help="global batch (sequences per step, all ranks)")
-    o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per rank and step")
-    o.add_argument("--lr", type=float, default=1e-3)
-    o.add_argument("--warmup", type=int, default=100, help="linear warm-up steps, then cosine decay")
-    o.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr / peak lr")
-    o.add_argument("--weight-decay", type=float, default=0.0)
-    o.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
-    o.add_argument("--seed", type=int, default=0)
-    o.add_argument("--threads", type=int, default=None, help="torch intra-op threads per process")
-    r = p.add_argument_group("logging and checkpoints")
-    r.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<task>)")
-    r.add_argument("--log-every", type=int, default=10)
-    r.add_argument("--eval-every", type=int, default=100, help="0 = never")
-    r.add_argument("--eval-batches", type=int, default=4)
-    r.add_argument("--save-every", type=int, default=500)
-    r.add_argument("--resume", nargs="?", const="auto", default=None, type=str,
-                   help="resume from this checkpoint (no value: <out>/checkpoint.pt)")
-    r.add_argument("--stop-at", type=int, default=None, help="checkpoint and exit after this step (time slicing)")
-    return p
+class RunExistsError(TrainSetupError):
+    """A new run was asked for in a folder that holds a run (neither resume nor overwrite)."""
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Raise ValueError for option values the parser's types do not rule out."""
-    for name in ("seq_len", "steps", "batch_size", "grad_accum", "log_every", "eval_batches", "save_every"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("warmup", "eval_every", "grad_clip"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if not 0.0 <= args.min_lr_ratio <= 1.0:
-        raise ValueError(f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio}")
-
-
-def model_config(args: argparse.Namespace, vocab_size: int) -> ReformerConfig:
-    """The ``ReformerConfig`` of the command line (causal: both tasks are language modelling)."""
-    return ReformerConfig(
-        vocab_size=vocab_size, d_model=args.d_model, n_heads=args.n_heads, depth=args.depth, d_ff=args.d_ff,
-        max_seq_len=args.seq_len, attention=args.attention, bucket_size=args.bucket_size, n_hashes=args.n_hashes,
-        causal=True, reversible=args.reversible, ff_chunks=args.ff_chunks, axial_shape=args.axial_shape,
-        dropout=args.dropout)
-
-
-def build_optimizer(model: nn.Module, args: argparse.Namespace) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW (weight decay on matrices only) and linear warm-up then cosine decay to ``min_lr_ratio``."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
-    warmup, total, floor = args.warmup, args.steps, args.min_lr_ratio
+def lr_factor(config: TrainConfig) -> Callable[[int], float]:
+    """The learning-rate multiplier after ``step`` scheduler steps: linear warm-up over
+    ``warmup`` steps, then cosine decay to ``min_lr_ratio`` at ``steps``."""
+    warmup, total, floor = config.warmup, config.steps, config.min_lr_ratio
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -132,19 +60,34 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> tuple[torch.o
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return factor
 
 
-def _run_meta(args: argparse.Namespace, config: ReformerConfig) -> dict[str, Any]:
-    """What must not change between a run and its resumption: model, data and batch."""
-    return {"config": dataclasses.asdict(config), "task": args.task, "seq_len": args.seq_len,
-            "vocab_size": args.vocab_size, "text": None if args.text is None else str(args.text),
-            "text_pattern": args.text_pattern, "max_bytes": args.max_bytes, "batch_size": args.batch_size,
-            "seed": args.seed}
+def build_optimizer(model: nn.Module, config: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW (weight decay on matrices only) and the :func:`lr_factor` schedule."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config))
+
+
+def apply_optimisation_settings(optimizer: torch.optim.Optimizer, scheduler: Any, config: TrainConfig) -> None:
+    """After loading a checkpoint's optimizer and scheduler state, make ``config``'s ``lr``,
+    schedule (``warmup``, ``min_lr_ratio``, ``steps``) and ``weight_decay`` the ones in force
+    from the checkpoint's step on. With unchanged values this sets exactly the restored values."""
+    factor = lr_factor(config)
+    scheduler.lr_lambdas = [factor] * len(optimizer.param_groups)
+    scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
+    lrs = [base * factor(scheduler.last_epoch) for base in scheduler.base_lrs]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["initial_lr"], group["lr"] = config.lr, lr
+    optimizer.param_groups[0]["weight_decay"] = config.weight_decay  # group 1 (vectors) never decays
+    scheduler._last_lr = lrs  # what get_last_lr() reports until the next step
 
 
 @contextmanager
-def seeded_rng(seed: int, ctx: DistContext) -> Iterator[None]:
+def seeded_global_rng(seed: int, ctx: DistContext) -> Iterator[None]:
     """Seed torch's and Python's global RNGs with ``seed`` (the same on every rank, see
     ``train_loop``) for the block, and give the caller its own RNG states back afterwards."""
     python_state = random.getstate()
@@ -157,51 +100,162 @@ def seeded_rng(seed: int, ctx: DistContext) -> Iterator[None]:
             random.setstate(python_state)
 
 
-def build_trainer(args: argparse.Namespace, ctx: DistContext) -> Trainer:
-    """Task, model, optimizer and schedule of the command line, resumed when ``--resume`` says so."""
-    if args.batch_size % (ctx.world_size * args.grad_accum):
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by world size x --grad-accum "
-                         f"= {ctx.world_size * args.grad_accum}")
-    task = make_task(args.task, args.seq_len, seed=args.seed, vocab_size=args.vocab_size,
-                     text_path=args.text, text_pattern=args.text_pattern, max_bytes=args.max_bytes)
-    config = model_config(args, task.vocab_size)
-    model = ReformerLM(config).to(ctx.device)
-    optimizer, scheduler = build_optimizer(model, args)
-    opts = LoopOptions(steps=args.steps, batch_size=args.batch_size, out_dir=args.out or Path("runs") / args.task,
-                       grad_accum=args.grad_accum, grad_clip=args.grad_clip, log_every=args.log_every,
-                       eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,
-                       stop_at=args.stop_at)
-    trainer = Trainer(model, optimizer, scheduler, task, opts, ctx, _run_meta(args, config))
-    if args.resume is not None:
-        trainer.resume(trainer.checkpoint_path if args.resume == "auto" else Path(args.resume))
+def _notice(ctx: DistContext, message: str) -> None:
+    if ctx.is_main:
+        print(f"reformer.train: {message}", file=sys.stderr, flush=True)
+
+
+def prepare_run_folder(config: TrainConfig, ctx: DistContext) -> None:
+    """Check up front that the run folder can be used: a new run refuses a folder holding a run
+    (unless ``overwrite``, which deletes it), ``resume`` needs its checkpoint, and rank 0 must be
+    able to write there (a probe file is created and removed)."""
+    out = config.out_dir
+    if config.resume is False:
+        existing = [name for name in RUN_FILES if (out / name).exists()]
+        if existing and not config.overwrite:
+            raise RunExistsError(
+                f"{out} already holds a run ({', '.join(existing)}): pass --resume (resume=True) to continue "
+                "it, or --overwrite (overwrite=True) to delete it and start a new run there")
+    elif not config.checkpoint_path.exists():
+        raise TrainSetupError(f"cannot resume: no checkpoint at {config.checkpoint_path} (start without "
+                              "--resume to begin a new run)")
+    if not ctx.is_main:
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out, prefix=".write-probe-"):
+            pass
+    except OSError as e:
+        raise TrainSetupError(f"run folder --out {out} is not usable: {e.strerror or e} "
+                              f"({type(e).__name__})") from e
+    if config.resume is False and config.overwrite:
+        for name in RUN_FILES:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def _differences(saved: dict[str, Any], given: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    return {k: (saved.get(k), v) for k, v in given.items() if saved.get(k) != v}
+
+
+def _resume(trainer: Trainer, config: TrainConfig, ctx: DistContext) -> None:
+    """Load the checkpoint into ``trainer``: refuse changed setup fields and a ``steps`` or
+    ``stop_at`` not after the saved step; apply and log changed settings."""
+    path = config.checkpoint_path
+    state = load_training_checkpoint(path)
+    setup_diff = _differences(state["meta"]["setup"], trainer.meta["setup"])
+    if setup_diff:
+        fields = ", ".join(f"--{k.replace('_', '-')} (saved {a!r}, given {b!r})" for k, (a, b) in setup_diff.items())
+        raise CheckpointError(path, f"was written by a run with other model/data options: {fields}; these cannot "
+                                    "change on resume: use the saved values, or start a new run in another --out")
+    saved_step = state["step"]
+    if config.steps < saved_step:
+        raise TrainSetupError(f"--steps {config.steps} is below the checkpoint's step {saved_step} ({path}): "
+                              f"give --steps >= {saved_step} to resume")
+    if config.stop_at is not None and config.stop_at <= saved_step:
+        raise TrainSetupError(f"--stop-at {config.stop_at} is not after the checkpoint's step {saved_step} "
+                              f"({path}): nothing to train")
+    restore_training_state(path, state, model=trainer.model, optimizer=trainer.optimizer,
+                           scheduler=trainer.scheduler)
+    trainer.step = saved_step
+    apply_optimisation_settings(trainer.optimizer, trainer.scheduler, config)
+    trainer.repair_log()
+    changed = _differences(state["meta"]["settings"], trainer.meta["settings"])
+    if changed:
+        trainer.record({"step": saved_step, "resumed_with": {k: [a, b] for k, (a, b) in changed.items()}})
+        _notice(ctx, f"resuming at step {saved_step} with changed settings (applied from here on): "
+                + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+    if saved_step == config.steps:
+        _notice(ctx, f"the checkpoint is already at --steps {config.steps}: nothing to train")
+
+
+def build_trainer(config: TrainConfig, ctx: DistContext) -> Trainer:
+    """Task, model, optimizer and schedule of ``config``, resumed when ``config.resume`` says so."""
+    if config.batch_size % (ctx.world_size * config.grad_accum):
+        raise TrainSetupError(f"--batch-size {config.batch_size} must be divisible by world size x --grad-accum "
+                              f"= {ctx.world_size * config.grad_accum}")
+    try:
+        task = make_task(config.task, config.seq_len, seed=config.seed, vocab_size=config.vocab_size,
+                         text_path=config.text, text_pattern=config.text_pattern, max_bytes=config.max_bytes)
+        model_config = config.model_config(task.vocab_size)
+    except (ValueError, FileNotFoundError) as e:
+        raise TrainSetupError(str(e)) from e
+    model = ReformerLM(model_config).to(ctx.device)
+    optimizer, scheduler = build_optimizer(model, config)
+    opts = LoopOptions(steps=config.steps, batch_size=config.batch_size, out_dir=config.out_dir,
+                       grad_accum=config.grad_accum, grad_clip=config.grad_clip, log_every=config.log_every,
+                       eval_every=config.eval_every, eval_batches=config.eval_batches, save_every=config.save_every,
+                       stop_at=config.stop_at)
+    meta = {"setup": config.setup(), "settings": config.settings()}
+    trainer = Trainer(model, optimizer, scheduler, task, opts, ctx, meta)
+    if config.resume is not False:
+        _resume(trainer, config, ctx)
     return trainer
 
 
-def run(args: argparse.Namespace) -> Trainer:
-    """Train as ``args`` (from :func:`build_parser`) say; returns the finished :class:`Trainer`
-    (its ``history`` holds the logged records, also written to ``<out>/log.jsonl``). The global
-    RNGs are seeded with ``--seed`` for the run and restored to the caller's states on return."""
-    check_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def export_model(trainer: Trainer, config: TrainConfig) -> Optional[Path]:
+    """Save the trained model to ``out/model`` with ``ReformerLM.save_pretrained`` (rank 0);
+    returns the folder, or None when there is nothing to export (no ``save_pretrained``)."""
+    save = getattr(trainer.model, "save_pretrained", None)
+    if save is None:
+        return None
+    folder = config.out_dir / "model"
+    if trainer.ctx.is_main:
+        save(folder)
+    trainer.ctx.barrier()
+    return folder
+
+
+def run(config: TrainConfig) -> Trainer:
+    """Train as ``config`` says; returns the finished :class:`Trainer` (its ``history`` holds the
+    logged records, also written to ``<out>/log.jsonl``).
+
+    Before anything is built, the run folder is checked (:func:`prepare_run_folder`); a
+    problem with the folder, the checkpoint or the resumption raises :class:`TrainSetupError`
+    or :class:`reformer.checkpoint.CheckpointError` (both ``ValueError``). The global RNGs are
+    seeded with ``config.seed`` for the run and restored to the caller's states on return.
+    When the run reaches ``steps`` and ``config.export`` is set, the model is saved to
+    ``<out>/model``.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig (TrainConfig.from_args(argv) parses command-line "
+                        f"strings), got {type(config).__name__}")
+    if config.threads:
+        torch.set_num_threads(config.threads)
     ctx = DistContext.from_env()
     try:
-        with seeded_rng(args.seed, ctx):
-            trainer = build_trainer(args, ctx)
+        prepare_run_folder(config, ctx)
+        ctx.barrier()
+        with seeded_global_rng(config.seed, ctx):
+            trainer = build_trainer(config, ctx)
             trainer.fit()
+        if config.export and trainer.step >= config.steps:
+            export_model(trainer, config)
         return trainer
     finally:
         ctx.close()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    """The ``reformer-train`` command: option errors and run-setup problems (an occupied or
+    unwritable folder, a damaged or mismatching checkpoint) print one line and exit with status 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            config = config_from_namespace(args)
+        except (ValueError, TypeError) as e:
+            parser.error(str(e))
+    for w in caught:
+        print(f"{parser.prog}: warning: {w.message}", file=sys.stderr)
     try:
-        check_args(args)
-    except ValueError as e:
-        parser.error(str(e))
-    run(args)
+        run(config)
+    except (TrainSetupError, CheckpointError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ the RNG states. Every rank seeds its global RNG identically, so LSH rotations ag
 from __future__ import annotations
 
 import json
+import os
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from .checkpoint import save_training_checkpoint
 from .data import Shard
 from .train_dist import DistContext
 
@@ -112,9 +114,12 @@ def evaluate(model: nn.Module, task: Task, opts: LoopOptions, ctx: DistContext) 
 class Trainer:
     """Owns one run: model (unwrapped), optimizer, LR scheduler, step counter, checkpoint and log.
 
-    ``meta`` (plain values: model config, task, batch size) is stored in each checkpoint and must
-    match on resume. Only rank 0 writes the checkpoint ``out_dir/checkpoint.pt`` and the JSON-lines
-    log ``out_dir/log.jsonl``; every rank reads the checkpoint on resume.
+    ``meta`` (``{"setup": ..., "settings": ...}`` of plain values, see ``reformer.train_config``)
+    is stored in each checkpoint (format: ``reformer.checkpoint``). Only rank 0 writes the
+    checkpoint ``out_dir/checkpoint.pt`` and the JSON-lines log ``out_dir/log.jsonl`` (appending;
+    ``reformer.train.run`` makes sure a new run starts in a folder without a run); every rank
+    reads the checkpoint on resume (``reformer.train`` loads it into the trainer, then calls
+    :meth:`repair_log`).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, task: Task,
@@ -132,43 +137,52 @@ class Trainer:
     def log_path(self) -> Path:
         return self.opts.out_dir / "log.jsonl"
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"format": 1, "step": self.step, "meta": self.meta, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": capture_rng_state()}
-
     def save(self) -> None:
+        """Write the checkpoint (rank 0), after checking that the ranks hold the same weights."""
         self.ctx.check_replicas(self.model)
         if self.ctx.is_main:
-            save_checkpoint(self.state_dict(), self.checkpoint_path)
+            save_training_checkpoint(self.checkpoint_path, step=self.step, meta=self.meta, model=self.model,
+                                     optimizer=self.optimizer, scheduler=self.scheduler)
         self.ctx.barrier()
 
-    def resume(self, path: Path) -> None:
-        """Continue exactly where the checkpoint at ``path`` stopped (call before :meth:`fit`)."""
-        state = load_checkpoint(path)  # on CPU: RNG states must stay CPU tensors; weights are copied to the device
-        if state["meta"] != self.meta:
-            diff = {k: (state["meta"].get(k), v) for k, v in self.meta.items() if state["meta"].get(k) != v}
-            raise ValueError(f"checkpoint {path} was written by a different run setup (saved, requested): {diff}")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        restore_rng_state(state["rng"])
-        self.step = state["step"]
-        if self.ctx.is_main and self.log_path.exists():
-            self._truncate_log()
+    def repair_log(self) -> None:
+        """Make the log agree with a checkpoint just loaded at ``self.step`` (rank 0): drop records
+        written after that step (a crash between saves) and lines that are not complete JSON
+        records (a crash in the middle of a write), with a warning naming them."""
+        if not self.ctx.is_main or not self.log_path.exists():
+            return
+        kept, bad = [], []
+        for number, line in enumerate(self.log_path.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                step = json.loads(line)["step"]
+                if not isinstance(step, int):
+                    raise TypeError(step)
+            except (ValueError, KeyError, TypeError, IndexError):
+                bad.append(number)
+                continue
+            if step <= self.step:
+                kept.append(line)
+        if bad:
+            warnings.warn(f"{self.log_path}: dropped {len(bad)} incomplete line(s) (line {', '.join(map(str, bad))}; "
+                          "a write was interrupted); the checkpoint is intact", RuntimeWarning, stacklevel=2)
+        tmp = self.log_path.with_name(f".{self.log_path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.log_path)
 
-    def _truncate_log(self) -> None:
-        """Drop log records written after the checkpoint's step (a crash between saves)."""
-        kept = [line for line in self.log_path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-        self.log_path.write_text("".join(line + "\n" for line in kept))
+    def record(self, record: dict[str, Any], bar: Optional[tqdm] = None) -> None:
+        """Append ``record`` to ``history`` and (rank 0) to the log file."""
+        self._log(record, bar)
 
-    def _log(self, record: dict[str, Any], bar: tqdm) -> None:
+    def _log(self, record: dict[str, Any], bar: Optional[tqdm]) -> None:
         self.history.append(record)
         if not self.ctx.is_main:
             return
         with self.log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "step"}, refresh=False)
+        if bar is not None:
+            bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "step"}, refresh=False)
 
     def _update(self, model: nn.Module) -> Tensor:
         """One optimizer step on global batch ``self.step``; returns this rank's loss statistics."""
@@ -188,8 +202,6 @@ class Trainer:
         end = opts.steps if opts.stop_at is None else min(opts.stop_at, opts.steps)
         if ctx.is_main:
             opts.out_dir.mkdir(parents=True, exist_ok=True)
-            if self.step == 0:  # a fresh run in a used folder starts a new log
-                self.log_path.unlink(missing_ok=True)
         model = ctx.wrap(self.model)
         model.train()
         meter = _Meter(opts.batch_size * self.task.seq_len)

@@ -1,16 +1,18 @@
-"""The baseline encoder-decoder Transformer of the seed document (Vaswani et al. 2017).
+"""The baseline encoder-decoder Transformer of the original Transformer description
+(Vaswani et al. 2017, "Attention Is All You Need").
 
 Each sub-layer is wrapped in residual + LayerNorm: post-norm ``LayerNorm(x + Sublayer(x))`` as
-in the seed, or pre-norm ``x + Sublayer(LayerNorm(x))`` with ``norm_first=True``.
+in that description, or pre-norm ``x + Sublayer(LayerNorm(x))`` with ``norm_first=True``.
 """
 from __future__ import annotations
 
-from typing import Optional
+import warnings
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
-from ._validation import check_dropout, check_positive, check_tokens
+from ._validation import check_dropout, check_heads, check_non_negative, check_positive, check_tokens
 from .attention import MultiHeadAttention
 from .feedforward import FeedForward
 from .positional import SinusoidalPositionalEncoding, TokenEmbedding
@@ -106,7 +108,12 @@ class Decoder(nn.Module):
 
 class Transformer(nn.Module):
     """Encoder-decoder Transformer: token embedding * sqrt(d_model) + sinusoidal positions,
-    encoder, decoder (causal self-attention, cross-attention), linear output to ``tgt_vocab``.
+    encoder, decoder (causal self-attention, cross-attention), linear ``output_projection`` to
+    ``tgt_vocab``.
+
+    ``n_encoder_layers``/``n_decoder_layers`` are ints >= 0 (0: the stack is the identity, plus
+    the final LayerNorm when ``norm_first``). State dicts saved before the output layer was
+    renamed (keys ``generator.weight``/``generator.bias``) still load.
     """
 
     def __init__(self, src_vocab: int, tgt_vocab: int, d_model: int = 512, n_heads: int = 8,
@@ -115,6 +122,12 @@ class Transformer(nn.Module):
                  activation: str = "relu"):
         super().__init__()
         check_dropout(dropout)
+        check_heads(d_model, n_heads)
+        check_positive("d_ff", d_ff)
+        check_non_negative("n_encoder_layers", n_encoder_layers)
+        check_non_negative("n_decoder_layers", n_decoder_layers)
+        if not isinstance(norm_first, bool):
+            raise TypeError(f"norm_first must be a bool, got {norm_first!r}")
         self.max_len = check_positive("max_len", max_len)
         self.src_embed = TokenEmbedding(src_vocab, d_model)
         self.tgt_embed = TokenEmbedding(tgt_vocab, d_model)
@@ -122,7 +135,21 @@ class Transformer(nn.Module):
         self.embed_dropout = nn.Dropout(dropout)
         self.encoder = Encoder(n_encoder_layers, d_model, n_heads, d_ff, dropout, activation, norm_first)
         self.decoder = Decoder(n_decoder_layers, d_model, n_heads, d_ff, dropout, activation, norm_first)
-        self.generator = nn.Linear(d_model, tgt_vocab)
+        self.output_projection = nn.Linear(d_model, tgt_vocab)
+
+    @property
+    def generator(self) -> nn.Linear:
+        """Deprecated name of :attr:`output_projection`."""
+        warnings.warn("Transformer.generator was renamed output_projection", DeprecationWarning, stacklevel=2)
+        return self.output_projection
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # state dicts from before the rename: generator.* -> output_projection.*
+        for name in ("weight", "bias"):
+            old, new = f"{prefix}generator.{name}", f"{prefix}output_projection.{name}"
+            if old in state_dict and new not in state_dict:
+                state_dict[new] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def encode(self, src: Tensor, *, src_key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """src: ``(B, Ns)`` ids -> memory ``(B, Ns, d_model)``."""
@@ -137,7 +164,7 @@ class Transformer(nn.Module):
         y = self.embed_dropout(self.positions(self.tgt_embed(tgt)))
         y = self.decoder(y, memory, key_padding_mask=tgt_key_padding_mask,
                          memory_key_padding_mask=memory_key_padding_mask)
-        return self.generator(y)
+        return self.output_projection(y)
 
     def forward(self, src: Tensor, tgt: Tensor, *, src_key_padding_mask: Optional[Tensor] = None,
                 tgt_key_padding_mask: Optional[Tensor] = None) -> Tensor:
@@ -152,19 +179,31 @@ class Transformer(nn.Module):
                  src_key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """Greedy decoding in eval mode (the previous mode is restored): returns ``(B, 1 + T)`` ids
         starting with ``bos_id``, T <= max_new_tokens. Sequences that produced ``eos_id`` keep
-        emitting it; decoding stops early once every sequence has."""
-        check_positive("max_new_tokens", max_new_tokens)
+        emitting it; decoding stops early once every sequence has.
+
+        ``max_new_tokens`` is an int >= 0; with 0 the result is the ``(B, 1)`` column of
+        ``bos_id`` (the decoder's prompt, as ``ReformerLM.generate(prompt, 0)`` returns its
+        prompt). ``bos_id`` and ``eos_id`` are ints (``TypeError`` otherwise) in ``[0, tgt_vocab)``.
+        """
+        check_non_negative("max_new_tokens", max_new_tokens)
         if 1 + max_new_tokens > self.max_len:
             raise ValueError(f"1 + max_new_tokens = {1 + max_new_tokens} is longer than max_len={self.max_len}")
         vocab = self.tgt_embed.vocab_size
         for name, value in (("bos_id", bos_id), ("eos_id", eos_id)):
-            if value is not None and not 0 <= value < vocab:
+            if value is None and name == "eos_id":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an int token id, got {value!r}")
+            if not 0 <= value < vocab:
                 raise ValueError(f"{name} must be in [0, {vocab}), got {value}")
+        check_tokens("src", src, self.src_embed.vocab_size, self.max_len)
+        out = torch.full((src.shape[0], 1), bos_id, dtype=torch.long, device=src.device)
+        if max_new_tokens == 0:
+            return out
         was_training = self.training
         self.eval()
         try:
             memory = self.encode(src, src_key_padding_mask=src_key_padding_mask)
-            out = torch.full((src.shape[0], 1), bos_id, dtype=torch.long, device=src.device)
             done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
             for _ in range(max_new_tokens):
                 nxt = self.decode(out, memory, memory_key_padding_mask=src_key_padding_mask)[:, -1].argmax(-1)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from reformer.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from reformer.checkpoint import CheckpointError, capture_process_rng, load_checkpoint, restore_process_rng, save_checkpoint
 
 
 def _draws():
@@ -21,7 +21,7 @@ def test_round_trip_with_rng_state_under_weights_only(tmp_path):
     opt = torch.optim.AdamW(model.parameters())
     model(torch.randn(5, 3)).sum().backward()
     opt.step()
-    state = {"step": 7, "model": model.state_dict(), "optimizer": opt.state_dict(), "rng": capture_rng_state(),
+    state = {"step": 7, "model": model.state_dict(), "optimizer": opt.state_dict(), "rng": capture_process_rng(),
              "meta": {"axial_shape": (4, 8), "name": "x", "none": None}}
     save_checkpoint(state, tmp_path / "ck.pt")
     loaded = load_checkpoint(tmp_path / "ck.pt")
@@ -30,7 +30,7 @@ def test_round_trip_with_rng_state_under_weights_only(tmp_path):
         assert torch.equal(loaded["model"][k], v)
     assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
     expected = _draws()
-    restore_rng_state(loaded["rng"])
+    restore_process_rng(loaded["rng"])
     got = _draws()
     assert torch.equal(got[0], expected[0]) and got[1] == expected[1] and np.array_equal(got[2], expected[2])
 
@@ -38,8 +38,9 @@ def test_round_trip_with_rng_state_under_weights_only(tmp_path):
 def test_load_refuses_arbitrary_objects(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"obj": pickle.loads(pickle.dumps(ValueError("not a tensor")))}, path)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError, match="holds objects other than tensors") as info:
         load_checkpoint(path)
+    assert isinstance(info.value.__cause__, pickle.UnpicklingError)
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing.pt")
 

@@ -167,6 +167,8 @@ def test_bf16_parameter_gradients_as_accurate_as_feedforward():
 @pytest.mark.parametrize("cls, extra", [(FeedForward, ()), (ChunkedFeedForward, (2,))])
 @pytest.mark.parametrize("x, error, message", [
     (torch.zeros(2, 3, 8, dtype=torch.long), TypeError, "x must be floating point"),
+    (torch.zeros(2, 3, 8, dtype=torch.float64), TypeError,
+     r"x has dtype torch.float64 but the module's parameters are torch.float32"),
     (torch.zeros(2, 3, 5), ValueError, r"x must have shape \(\.\.\., d_model=8\)"),
     (torch.zeros(()), ValueError, r"x must have shape \(\.\.\., d_model=8\)"),
     ([[0.0] * 8], TypeError, "x must be a torch.Tensor"),
@@ -221,3 +223,15 @@ def test_chunked_cross_entropy_bad_arguments_raise():
     for bad in (torch.tensor([0, 1, 10, 2]), torch.tensor([0, -100, 1, 2]), torch.tensor([0, -1, 1, 2])):
         with pytest.raises(ValueError, match=r"targets ids must be in \[0, 10\)"):
             chunked_cross_entropy(hidden, weight, None, bad, 2)
+
+
+def test_float64_input_under_half_autocast_raises():
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="which torch.autocast does not cast"):
+        ChunkedFeedForward(8, 16, 2)(torch.zeros(2, 3, 8, dtype=torch.float64))
+
+
+def test_bad_argument_types_raise_type_error():
+    with pytest.raises(TypeError, match="chunks must be a positive int, got 2.0"):
+        ChunkedFeedForward(8, 16, 2.0)
+    with pytest.raises(TypeError, match="dropout must be a number"):
+        ChunkedFeedForward(8, 16, 2, dropout="0.1")

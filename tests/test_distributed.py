@@ -10,21 +10,23 @@ import textwrap
 import torch
 
 from reformer.checkpoint import load_checkpoint
-from reformer.train import build_parser, run
+from reformer.train import run
+from reformer.train_config import TrainConfig
 
 ARGS = ["--task", "duplication", "--seq-len", "32", "--vocab-size", "8", "--d-model", "32", "--n-heads", "2",
         "--d-ff", "64", "--depth", "2", "--attention", "lsh", "--bucket-size", "8", "--n-hashes", "2",
         "--reversible", "--ff-chunks", "2", "--batch-size", "8", "--steps", "4",
         "--warmup", "1", "--lr", "3e-3", "--log-every", "1", "--eval-every", "2", "--save-every", "2",
-        "--threads", "1"]
+        "--threads", "1", "--no-export"]
 
 DRIVER = textwrap.dedent("""
     import os, sys, torch
-    from reformer.train import build_parser, run
-    args = build_parser().parse_args(sys.argv[1:])
-    trainer = run(args)
-    torch.save(trainer.model.state_dict(), args.out / f"rank{os.environ['RANK']}.pt")
-    torch.save(trainer.history, args.out / f"history{os.environ['RANK']}.pt")
+    from reformer.train import run
+    from reformer.train_config import TrainConfig
+    config = TrainConfig.from_args(sys.argv[1:])
+    trainer = run(config)
+    torch.save(trainer.model.state_dict(), config.out / f"rank{os.environ['RANK']}.pt")
+    torch.save(trainer.history, config.out / f"history{os.environ['RANK']}.pt")
 """)
 
 
@@ -58,7 +60,7 @@ def test_torchrun_two_ranks_match_single_process(tmp_path):
     """Each rank trains on its half of every global batch; DDP averages the gradients, so the
     result equals one process on the whole batch (LSH rotations agree: same RNG stream)."""
     params, history = _torchrun(tmp_path, tmp_path / "ddp")
-    single = run(build_parser().parse_args([*ARGS, "--out", str(tmp_path / "single")]))
+    single = run(TrainConfig.from_args([*ARGS, "--out", str(tmp_path / "single")]))
     assert single.step == 4
     saved = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")["model"]
     for name, p in single.model.state_dict().items():
@@ -74,7 +76,7 @@ def test_torchrun_two_ranks_match_single_process(tmp_path):
 def test_torchrun_gradient_accumulation_with_dropout_keeps_ranks_identical(tmp_path):
     """no_sync on all but the last micro-batch: gradients are still averaged once per step."""
     params, history = _torchrun(tmp_path, tmp_path / "accum", "--grad-accum", "2", "--dropout", "0.1")
-    initial = run(build_parser().parse_args([*ARGS, "--steps", "1", "--lr", "0", "--out", str(tmp_path / "init")]))
+    initial = run(TrainConfig.from_args([*ARGS, "--steps", "1", "--lr", "0", "--out", str(tmp_path / "init")]))
     moved = [name for name, p in initial.model.state_dict().items() if not torch.equal(p, params[name])]
     assert len(moved) == len(params)  # every parameter got (synchronised) updates
     assert all(math.isfinite(r.get("loss", 0.0)) for r in history)

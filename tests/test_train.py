@@ -8,7 +8,8 @@ import torch
 
 from reformer.checkpoint import load_checkpoint
 from reformer.data import DuplicationTask, Shard, TextTask, stdlib_sources
-from reformer.train import build_parser, run
+from reformer.train import run
+from reformer.train_config import TrainConfig
 from reformer.train_loop import masked_lm_loss
 
 TINY = ["--task", "duplication", "--seq-len", "32", "--vocab-size", "8", "--d-model", "32", "--n-heads", "2",
@@ -18,7 +19,7 @@ LSH = ["--attention", "lsh", "--bucket-size", "8", "--n-hashes", "2"]
 
 
 def _train(out, *extra):
-    return run(build_parser().parse_args([*TINY, "--out", str(out), *extra]))
+    return run(TrainConfig.from_args([*TINY, "--out", str(out), *extra]))
 
 
 def _losses(history):
@@ -102,9 +103,9 @@ def test_resume_is_exact(tmp_path):
 def test_crash_during_checkpoint_resumes_from_previous_one(tmp_path, monkeypatch):
     args = [*RESUME, "--save-every", "2"]
     full = _train(tmp_path / "full", *args)
-    import reformer.train_loop as loop
+    import reformer.checkpoint as checkpoint
 
-    real_save, calls = loop.save_checkpoint, []
+    real_save, calls = checkpoint.save_checkpoint, []
 
     def crash_on_second(state, path):
         calls.append(state["step"])
@@ -112,10 +113,10 @@ def test_crash_during_checkpoint_resumes_from_previous_one(tmp_path, monkeypatch
             raise KeyboardInterrupt("killed while writing")
         real_save(state, path)
 
-    monkeypatch.setattr(loop, "save_checkpoint", crash_on_second)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         _train(tmp_path / "crash", *args)
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
     assert load_checkpoint(tmp_path / "crash" / "checkpoint.pt")["step"] == 2
     assert [p.name for p in (tmp_path / "crash").iterdir() if p.name.startswith(".")] == []
     resumed = _train(tmp_path / "crash", *args, "--resume")
@@ -129,7 +130,7 @@ def test_resume_refuses_a_different_setup_and_run_restores_the_callers_rng(tmp_p
     before = torch.get_rng_state()
     _train(tmp_path, "--attention", "full", "--steps", "1", "--eval-every", "0")
     assert torch.equal(torch.get_rng_state(), before)
-    with pytest.raises(ValueError, match="different run setup"):
+    with pytest.raises(ValueError, match=r"other model/data options: --depth \(saved 2, given 3\)"):
         _train(tmp_path, "--attention", "full", "--steps", "2", "--eval-every", "0", "--depth", "3", "--resume")
 
 
@@ -143,7 +144,7 @@ def test_text_task_trains_and_cli_rejects_bad_options(tmp_path):
         _train(tmp_path / "bad", "--batch-size", "6", "--grad-accum", "4", "--steps", "1")
     proc = subprocess.run([sys.executable, "-m", "reformer.train", "--steps", "0"], capture_output=True, text=True,
                           timeout=120)
-    assert proc.returncode == 2 and "--steps must be >= 1" in proc.stderr
+    assert proc.returncode == 2 and "steps (--steps) must be >= 1, got 0" in proc.stderr
 
 
 def test_duplication_table_smoke(tmp_path, capsys):

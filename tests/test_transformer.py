@@ -213,3 +213,51 @@ def test_learns_to_reverse_sequences():
     accuracy = (pred == tgt[:, 1:]).float().mean().item()
     print(f"held-out token accuracy {accuracy:.3f}")
     assert accuracy >= 0.95, f"held-out token accuracy {accuracy:.3f}"
+
+
+def test_bad_constructor_arguments():
+    for kwargs, exc, match in [
+        (dict(n_encoder_layers=-1), ValueError, "n_encoder_layers must be a non-negative int, got -1"),
+        (dict(n_decoder_layers=2.0), TypeError, "n_decoder_layers must be a non-negative int, got 2.0"),
+        (dict(d_ff=0), ValueError, "d_ff must be a positive int"),
+        (dict(d_model=10, n_heads=4), ValueError, r"d_model \(10\) must be divisible by n_heads \(4\)"),
+        (dict(norm_first=1), TypeError, "norm_first must be a bool"),
+    ]:
+        with pytest.raises(exc, match=match):
+            Transformer(11, 13, **{"d_model": D, "n_heads": H, "d_ff": FF, **kwargs})
+    model = Transformer(11, 13, d_model=D, n_heads=H, n_encoder_layers=0, n_decoder_layers=1, d_ff=FF)
+    assert model(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long)).shape == (1, 2, 13)
+
+
+def test_generate_argument_types_and_zero_new_tokens():
+    model = _small_model()
+    src = torch.randint(0, 11, (3, 5))
+    with pytest.raises(TypeError, match="bos_id must be an int token id, got 1.5"):
+        model.generate(src, 3, bos_id=1.5)
+    with pytest.raises(TypeError, match="eos_id must be an int token id, got True"):
+        model.generate(src, 3, bos_id=1, eos_id=True)
+    with pytest.raises(TypeError, match="max_new_tokens must be a non-negative int"):
+        model.generate(src, 2.0, bos_id=1)
+    with pytest.raises(ValueError, match="max_new_tokens must be a non-negative int, got -1"):
+        model.generate(src, -1, bos_id=1)
+    out = model.generate(src, 0, bos_id=4)
+    assert out.dtype == torch.long and torch.equal(out, torch.full((3, 1), 4))
+    assert torch.equal(model.generate(src, 1, bos_id=4)[:, :1], out)  # the prefix of every longer result
+
+
+def test_output_projection_and_old_state_dicts():
+    model = _small_model()
+    state = model.state_dict()
+    assert "output_projection.weight" in state and not any(k.startswith("generator.") for k in state)
+    old = {("generator." + k.split(".", 1)[1] if k.startswith("output_projection.") else k): v.clone() + 1
+           for k, v in state.items()}
+    fresh = _small_model()
+    fresh.load_state_dict(old)  # strict: every old key is recognised
+    assert torch.equal(fresh.output_projection.weight, state["output_projection.weight"] + 1)
+    assert torch.equal(fresh.output_projection.bias, state["output_projection.bias"] + 1)
+    assert "generator.weight" in old  # the caller's dict is left alone
+    wrapped = nn.Sequential(_small_model())  # also under a prefix
+    wrapped.load_state_dict({"0." + k: v for k, v in old.items()})
+    assert torch.equal(wrapped[0].output_projection.bias, state["output_projection.bias"] + 1)
+    with pytest.warns(DeprecationWarning, match="renamed output_projection"):
+        assert model.generator is model.output_projection
