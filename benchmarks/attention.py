@@ -28,7 +28,7 @@ buckets, ``n1/2 + n2/2`` for the factorised ``(n1, n2)`` beyond; see ``docs/lsh.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +86,24 @@ def lsh_flops(params: dict) -> float:
     bs = params["bucket_size"]
     width = _rotation_width(params["seq_len"], bs)
     return 2.0 * _bhnd(params) * params["n_hashes"] * (4 * bs + width)
+
+
+def model_bytes(params: dict) -> Optional[float]:
+    """Modelled bytes moved by one forward+backward call (for the GB/s column): LSH (every LSH
+    provider) by ``reformer.kernels.triton_lsh.model_bytes`` (the round-level kernels' tile
+    traffic; None when Triton is not importable); full attention the compulsory traffic,
+    q, k, v, out, dO, dq, dk, dv once each: ``12 * B * H * N * D * element_size``."""
+    esize = torch.tensor([], dtype=_dtype(params)).element_size()
+    groups, n, d = params["batch"] * params["heads"], params["seq_len"], params["head_dim"]
+    if "bucket_size" not in params:
+        return 12.0 * groups * n * d * esize
+    try:
+        from reformer.kernels.triton_lsh import model_bytes as lsh_model_bytes
+    except Exception:  # Triton missing or broken: no model
+        return None
+    mode = "bucket" if params["causal"] else "chunk"
+    return float(lsh_model_bytes(groups, n, d, bucket_size=params["bucket_size"], element_size=esize,
+                                 n_hashes=params["n_hashes"], causal_mode=mode, block=64 if esize == 2 else 32))
 
 
 def _naive_bytes(params: dict) -> float:

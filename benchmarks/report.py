@@ -27,6 +27,8 @@
          "est_mem_mib": float,        # the estimate used for skipping (attention, model)
          "flops_fwd": float,          # forward FLOPs by the documented formula (attention, model)
          "gflops_fwdbwd": float,      # 3.5 * flops_fwd / time_fwdbwd  (measured attention, model)
+         "model_bytes": float | null, # modelled bytes moved by fwd+bwd (attention; see attention.model_bytes)
+         "gbs_fwdbwd": float,         # model_bytes / time_fwdbwd, GB/s (measured attention)
          "rel_err", "recall_at_k", "mass_recall": float}   # quality records only
       ]
     }

@@ -239,8 +239,14 @@ def run_cases(cases: list[Case], opts: RunOptions, desc: str,
         remaining.finished(time.monotonic() - start)
         record.setdefault("est_mem_mib", provider.est_bytes(case.params) / 2**20)
         record["flops_fwd"] = provider.cost(case.params)
+        if case.benchmark == "attention":
+            from .attention import model_bytes
+
+            record["model_bytes"] = model_bytes(case.params)
         if record["status"] == "ok":
             record["gflops_fwdbwd"] = BWD_FLOPS_FACTOR * record["flops_fwd"] / (record["time_fwdbwd_ms"] * 1e6)
+            if record.get("model_bytes"):
+                record["gbs_fwdbwd"] = record["model_bytes"] / (record["time_fwdbwd_ms"] * 1e6)
         history.update(case, provider, record)
         records.append(record)
         bar.write(f"{progress_line(record)} | ~{_fmt_s(remaining.left_s())} left", file=sys.stderr)

@@ -289,6 +289,7 @@ def _check_schema(path):
 def test_attention_end_to_end(tmp_path, capsys):
     code = cli.main(["attention", "--quick", "--lengths", "64", "128", "--heads", "2", "--n-hashes", "1",
                      "--bucket-size", "16", "--repeats", "1", "--device", "cpu", "--providers", "naive", "lsh*",
+                     "--max-call-s", "600",  # a busy machine must not turn the second length into a skip
                      "--out", str(tmp_path)])
     assert code == 0
     records = _check_schema(tmp_path / "results.json")
@@ -298,6 +299,9 @@ def test_attention_end_to_end(tmp_path, capsys):
     assert lsh[64]["ratio_to_first"] == 1.0 and lsh[128]["first_seq_len"] == 64
     assert lsh[128]["ratio_to_first"] == pytest.approx(lsh[128]["time_fwdbwd_ms"] / lsh[64]["time_fwdbwd_ms"])
     assert all(r["allocator"] == "default" for r in records if r["status"] == "ok")
+    assert all(r["model_bytes"] > 0 for r in records), records  # every attention record has the bytes model
+    naive = next(r for r in records if r["series"] == "naive" and r["params"]["seq_len"] == 128)
+    assert naive["model_bytes"] == 12 * 2 * 128 * 64 * 4 and naive["gbs_fwdbwd"] > 0
     assert json.loads((tmp_path / "results.json").read_text())["metadata"]["allocator"] == "default"
     assert (tmp_path / "attention.png").stat().st_size > 0 and "lsh-torch h=1" in (tmp_path / "summary.md").read_text()
     out = capsys.readouterr().out

@@ -118,7 +118,7 @@ def test_triton_extra_installs_and_its_kernel_runs(venv):
     code = ("import torch; from reformer.kernels import lsh_attention\n"
             "g = torch.Generator().manual_seed(0)\n"
             "qk, v = (torch.randn(1, 2, 37, 16, generator=g) for _ in range(2))\n"
-            "kw = dict(bucket_size=8, n_hashes=2, seed=0)\n"
+            "kw = dict(bucket_size=8, n_hashes=2, seed=0, causal=True)\n"
             "a = lsh_attention(qk, v, backend='triton', **kw); b = lsh_attention(qk, v, backend='torch', **kw)\n"
             "torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4); print('triton ok')\n")
     proc = _run([python, "-c", code], cwd=venv.parent, env=dict(_env(), TRITON_INTERPRET="1"), timeout=300)
