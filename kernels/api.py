@@ -104,6 +104,10 @@ def full_attention(
 
         if attn_mask is not None or dropout_p > 0.0:
             raise ValueError("backend='triton' supports causal and key_padding_mask only (no attn_mask, no dropout)")
+        if torch.compiler.is_compiling():  # one opaque custom op: no graph break (kernels/ops.py)
+            from .ops import full_attention_op
+
+            return full_attention_op(q, k, v, key_padding_mask, bool(causal), "triton")
         return full_attention_triton(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
     return full_attention_torch(
         q, k, v, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask, dropout_p=dropout_p
@@ -182,6 +186,12 @@ def lsh_attention(
     if key_padding_mask is not None:  # selection, not multiplication: NaN/Inf at padding cannot leak
         pad = key_padding_mask[:, None, :, None]
         qk, v = qk.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
+    if torch.compiler.is_compiling():  # one opaque custom op: no graph break (kernels/ops.py)
+        from .ops import lsh_attention_op, n_buckets_arg
+
+        out, lse = lsh_attention_op(qk, v, rotations, key_padding_mask, n_buckets_arg(n_buckets), bucket_size,
+                                    bool(causal), causal_mode, backend)
+        return (out, lse) if return_lse else out
     out, lse = lsh_attention_rounds(
         qk, v, core=_lsh_core(backend), bucket_size=bucket_size, causal=bool(causal), causal_mode=causal_mode,
         key_padding_mask=key_padding_mask, rotations=rotations, n_buckets=n_buckets,
@@ -206,6 +216,10 @@ def _lsh_rotations(qk: Tensor, rotations: Optional[Tensor], seed: Optional[int],
         raise TypeError(f"seed must be an int or None, got {seed!r}")
     if n_buckets is None:
         n_buckets = default_n_buckets(n, bucket_size)
+    if seed is not None and torch.compiler.is_compiling():  # no torch.Generator inside a compiled region
+        from .ops import seeded_rotations_op
+
+        return seeded_rotations_op(seed, h, d, n_hashes, rotation_width(n_buckets), qk.device), n_buckets
     return make_rotations(h, d, n_hashes, n_buckets, seed=seed, device=qk.device), n_buckets
 
 

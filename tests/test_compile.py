@@ -97,3 +97,25 @@ def test_compiled_seeded_rotations_inside_a_graph():
     eager = lambda qk, v: lsh_attention(qk, v, bucket_size=8, n_hashes=2, seed=5, backend="torch")  # noqa: E731
     _assert_same(_grads(torch.compile(f, fullgraph=True, backend="aot_eager"), (qk, v), do), _grads(eager, (qk, v), do),
                  1e-6)
+
+
+@pytest.mark.parametrize("kw", [dict(seed=3, causal=True), dict(seed=3, n_buckets=(4, 4), bucket_size=4),
+                                dict(seed=3, causal=True, causal_mode="chunk", pad=True)])
+def test_public_lsh_attention_compiles_with_fullgraph(kw):
+    """lsh_attention itself under torch.compile(fullgraph=True): it dispatches to the custom op
+    (seeded rotations included) and equals the eager call, outputs and gradients."""
+    kw = dict(kw)
+    qk, v, do, _, mask = _lsh_inputs(pad=kw.pop("pad", False))
+    kw.setdefault("bucket_size", 8)
+    f = lambda qk, v: lsh_attention(qk, v, n_hashes=2, key_padding_mask=mask, backend="torch", **kw)  # noqa: E731
+    _assert_same(_grads(torch.compile(f, fullgraph=True, backend="aot_eager"), (qk, v), do), _grads(f, (qk, v), do),
+                 1e-6)
+
+
+@pytest.mark.triton
+def test_public_full_attention_triton_compiles_with_fullgraph():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(1, 2, 20, 16, generator=gen) for _ in range(4))
+    f = lambda q, k, v: full_attention(q, k, v, causal=True, backend="triton")  # noqa: E731
+    _assert_same(_grads(torch.compile(f, fullgraph=True, backend="aot_eager"), (q, k, v), do), _grads(f, (q, k, v), do),
+                 1e-6)
