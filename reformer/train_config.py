@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from .config import ATTENTIONS, ReformerConfig
+from .config import ATTENTIONS, CAUSAL_MODES, ReformerConfig, check_n_buckets
 from .data import TASKS
 
 # Options that define the model, the data and the batch: they must be the same when a run is
 # resumed (a changed one is refused, naming it).
 SETUP_FIELDS = ("task", "seq_len", "vocab_size", "text", "text_pattern", "max_bytes", "attention", "n_hashes",
-                "bucket_size", "depth", "d_model", "n_heads", "d_ff", "ff_chunks", "axial_shape", "reversible",
+                "bucket_size", "n_buckets", "causal_mode", "depth", "d_model", "n_heads", "d_ff", "ff_chunks", "axial_shape", "reversible",
                 "dropout", "batch_size", "seed")
 # Options that may change on resume: the new value is applied from the checkpoint's step on and logged.
 SETTINGS_FIELDS = ("steps", "lr", "warmup", "min_lr_ratio", "weight_decay", "grad_clip", "grad_accum",
@@ -52,7 +52,9 @@ class TrainConfig:
     folder; None = the Python standard library's sources), ``text_pattern`` (glob inside a
     ``text`` folder), ``max_bytes`` (text: corpus bytes read at most).
 
-    Model: ``attention``, ``n_hashes``, ``bucket_size``, ``depth``, ``d_model``, ``n_heads``,
+    Model: ``attention``, ``n_hashes``, ``bucket_size``, ``n_buckets`` (None = automatic from
+    ``seq_len`` and ``bucket_size``; an even int = plain hashing; a pair ``(n1, n2)`` =
+    factorised hashing), ``causal_mode`` (``"bucket"`` or ``"chunk"``, see docs/lsh.md), ``depth``, ``d_model``, ``n_heads``,
     ``d_ff``, ``ff_chunks``, ``axial_shape`` (None = sinusoidal positions), ``reversible``,
     ``dropout``; see :class:`reformer.ReformerConfig` (the model is causal).
 
@@ -85,6 +87,8 @@ class TrainConfig:
     attention: str = "lsh"
     n_hashes: int = 4
     bucket_size: int = 64
+    n_buckets: Optional[Union[int, tuple[int, int]]] = None
+    causal_mode: str = "bucket"
     depth: int = 2
     d_model: int = 256
     n_heads: int = 4
@@ -131,7 +135,7 @@ class TrainConfig:
         _real("weight_decay", self.weight_decay, low=0.0)
         _real("grad_clip", self.grad_clip, low=0.0)
         _real("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
-        for name, choices in (("task", TASKS), ("attention", ATTENTIONS)):
+        for name, choices in (("task", TASKS), ("attention", ATTENTIONS), ("causal_mode", CAUSAL_MODES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{_label(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         for name in ("reversible", "overwrite", "export"):
@@ -145,6 +149,12 @@ class TrainConfig:
                 if not isinstance(value, (str, Path)):
                     raise TypeError(f"{_label(name)} must be a path or None, got {value!r}")
                 set_(name, Path(value))
+        if self.n_buckets is not None:
+            try:
+                set_("n_buckets", check_n_buckets(self.n_buckets))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{_label('n_buckets')}: {e} (command line: an even int like 16, or N1xN2 like "
+                              f"4x4 for factorised hashing)") from None
         if self.axial_shape is not None:
             if not isinstance(self.axial_shape, (tuple, list)) or len(self.axial_shape) < 2:
                 raise ValueError(f"{_label('axial_shape')} must be a tuple of at least 2 positive ints or None, "
@@ -178,7 +188,7 @@ class TrainConfig:
         return ReformerConfig(
             vocab_size=vocab_size, d_model=self.d_model, n_heads=self.n_heads, depth=self.depth, d_ff=self.d_ff,
             max_seq_len=self.seq_len, attention=self.attention, bucket_size=self.bucket_size,
-            n_hashes=self.n_hashes, causal=True, reversible=self.reversible, ff_chunks=self.ff_chunks,
+            n_hashes=self.n_hashes, n_buckets=self.n_buckets, causal_mode=self.causal_mode, causal=True, reversible=self.reversible, ff_chunks=self.ff_chunks,
             axial_shape=self.axial_shape, dropout=self.dropout)
 
     def setup(self) -> dict[str, Any]:
@@ -238,6 +248,30 @@ def _axial_shape(text: str) -> Optional[tuple[int, ...]]:
         raise argparse.ArgumentTypeError(f"must be comma-separated ints like 64,64 or 'none', got {text!r}")
 
 
+def parse_n_buckets(text: str) -> Optional[Union[int, tuple[int, int]]]:
+    """``--n-buckets`` text: ``auto`` (None), an even int like ``16`` (plain hashing) or
+    ``N1xN2`` like ``4x4`` (factorised hashing); the values are checked by :class:`TrainConfig`."""
+    if text.strip().lower() in ("auto", "none"):
+        return None
+    parts = text.lower().split("x")
+    try:
+        values = tuple(int(n) for n in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an even int like 16, N1xN2 like 4x4, or 'auto', got {text!r}")
+    if len(values) == 1:
+        return values[0]
+    if len(values) == 2:
+        return values
+    raise argparse.ArgumentTypeError(f"must be an even int like 16, N1xN2 like 4x4, or 'auto', got {text!r}")
+
+
+def format_n_buckets(n_buckets: Optional[Union[int, tuple[int, int]]]) -> str:
+    """The ``--n-buckets`` text of a value (inverse of :func:`parse_n_buckets`)."""
+    if n_buckets is None:
+        return "auto"
+    return str(n_buckets) if isinstance(n_buckets, int) else "x".join(str(n) for n in n_buckets)
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Adds ``(default: X)`` to an option's help unless the help already states its default or
     there is none to state (None, flags); examples in the epilog are kept as written."""
@@ -288,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--attention", choices=ATTENTIONS, default=_d("attention"), help="attention kind")
     m.add_argument("--n-hashes", type=int, default=_d("n_hashes"), help="LSH hash rounds")
     m.add_argument("--bucket-size", type=int, default=_d("bucket_size"), help="LSH chunk length")
+    m.add_argument("--n-buckets", type=parse_n_buckets, default=None, metavar="N|N1xN2",
+                   help="LSH buckets per round: an even int (plain hashing), N1xN2 like 4x4 (factorised "
+                        "hashing, N1*N2 buckets) or auto (default: automatic from --seq-len and --bucket-size)")
+    m.add_argument("--causal-mode", choices=CAUSAL_MODES, default=_d("causal_mode"),
+                   help="causal LSH: bucket (never looks ahead) or chunk (chunked look-back over the sorted "
+                        "order); see docs/lsh.md")
     m.add_argument("--depth", type=int, default=_d("depth"), help="number of layers")
     m.add_argument("--d-model", type=int, default=_d("d_model"), help="model width")
     m.add_argument("--n-heads", type=int, default=_d("n_heads"), help="attention heads")

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from reformer.kernels import default_n_buckets
 from reformer.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, load_training_checkpoint
 from reformer.train import RunExistsError, TrainSetupError, lr_factor, run
 from reformer.train_config import TrainConfig, build_parser
@@ -232,3 +233,51 @@ def test_finished_run_exports_the_model(tmp_path):
         assert torch.equal(loaded.state_dict()[name], value), name
     with pytest.raises(RunExistsError, match=r"\(checkpoint.pt, log.jsonl, model\)"):
         run(config)
+
+
+@pytest.mark.parametrize("text, value", [("16", 16), ("4x4", (4, 4)), ("2X8", (2, 8)), ("auto", None)])
+def test_n_buckets_option_parses_plain_factorised_and_auto(text, value):
+    config = _config("runs/x", "--n-buckets", text, "--attention", "lsh", "--bucket-size", "4")
+    assert config.n_buckets == value
+    model_config = config.model_config(8)
+    assert model_config.n_buckets == (value if value is not None else default_n_buckets(16, 4))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n-buckets", "4x4x4"], "argument --n-buckets: must be an even int like 16, N1xN2 like 4x4"),
+    (["--n-buckets", "abc"], "argument --n-buckets: must be an even int like 16"),
+    (["--n-buckets", "6x3"], "n_buckets (--n-buckets): n_buckets entries must be even ints >= 2"),
+    (["--n-buckets", "0"], "n_buckets (--n-buckets): n_buckets entries must be even ints >= 2"),
+    (["--causal-mode", "global"], "argument --causal-mode: invalid choice: 'global'"),
+])
+def test_cli_rejects_bad_lsh_scheme_options(args, message, tmp_path):
+    proc = _cli(*FAST, "--out", tmp_path, *args)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())
+
+
+def test_lsh_scheme_validation_in_python():
+    with pytest.raises(ValueError, match=r"causal_mode \(--causal-mode\) must be one of bucket, chunk"):
+        TrainConfig(causal_mode="global")
+    with pytest.raises(TypeError, match=r"n_buckets \(--n-buckets\).*even int"):
+        TrainConfig(n_buckets=8.0)
+    with pytest.raises(ValueError, match=r"n_buckets \(--n-buckets\).*even ints >= 2"):
+        TrainConfig(n_buckets=(4, 3))
+    with pytest.raises(ValueError, match=r"n_buckets \(--n-buckets\).*pair"):
+        TrainConfig(n_buckets=(2, 2, 2))
+    assert TrainConfig(n_buckets=[4, 2]).n_buckets == (4, 2)
+    assert TrainConfig().causal_mode == "bucket" and TrainConfig().n_buckets is None
+
+
+def test_trained_model_has_the_requested_lsh_scheme_and_resume_refuses_a_change(tmp_path):
+    lsh = ["--attention", "lsh", "--bucket-size", "4", "--n-hashes", "2"]
+    trainer = run(_config(tmp_path, *lsh, "--causal-mode", "chunk", "--n-buckets", "2x2", "--stop-at", "2"))
+    assert trainer.model.config.causal_mode == "chunk" and trainer.model.config.n_buckets == (2, 2)
+    setup = load_training_checkpoint(tmp_path / "checkpoint.pt")["meta"]["setup"]
+    assert setup["causal_mode"] == "chunk" and setup["n_buckets"] == [2, 2]
+    with pytest.raises(CheckpointError, match=r"--causal-mode \(saved 'chunk', given 'bucket'\)"):
+        run(_config(tmp_path, *lsh, "--resume", "--n-buckets", "2x2"))
+    with pytest.raises(CheckpointError, match=r"--n-buckets \(saved \[2, 2\], given 4\)"):
+        run(_config(tmp_path, *lsh, "--resume", "--causal-mode", "chunk", "--n-buckets", "4"))
+    resumed = run(_config(tmp_path, *lsh, "--resume", "--causal-mode", "chunk", "--n-buckets", "2x2"))
+    assert resumed.step == 4
