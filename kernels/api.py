@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -195,6 +195,7 @@ def lsh_attention(
     out, lse = lsh_attention_rounds(
         qk, v, core=_lsh_core(backend), bucket_size=bucket_size, causal=bool(causal), causal_mode=causal_mode,
         key_padding_mask=key_padding_mask, rotations=rotations, n_buckets=n_buckets,
+        hasher=_lsh_hasher(backend, qk),
     )
     return (out, lse) if return_lse else out
 
@@ -243,13 +244,24 @@ def lsh_buckets(qk: Tensor, *, n_buckets: NBuckets, n_hashes: int, rotations: Te
     return hash_buckets(qk, rotations, n_buckets)
 
 
+def _lsh_hasher(backend: str, qk: Tensor) -> Optional[Callable[..., Tensor]]:
+    """The one-launch Triton hashing kernel for CUDA tensors on the Triton backend; None (the
+    torch hashing) otherwise, including the interpreter, where both give the same buckets."""
+    if backend == "triton" and qk.is_cuda:
+        from .triton_hash import hash_buckets as triton_hash_buckets
+
+        return triton_hash_buckets
+    return None
+
+
 def _lsh_core(backend: str) -> LSHCore:
     """The round-level core (:class:`~reformer.kernels.lsh_function.LSHCore`) for a resolved
-    backend: the generic adapter around the backend's sorted per-round core module."""
+    backend: ``triton_lsh`` itself (its kernels gather rows through the sort order and merge
+    rounds in place), or the generic adapter around the torch reference's sorted core."""
     if backend == "triton":
         from . import triton_lsh
 
-        return SortedCoreAdapter(triton_lsh)
+        return triton_lsh
     from . import ref_lsh
 
     return SortedCoreAdapter(ref_lsh)

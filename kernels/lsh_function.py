@@ -22,7 +22,7 @@ flash-attention does).
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 from torch import Tensor
@@ -235,16 +235,18 @@ def lsh_attention_rounds(
     key_padding_mask: Optional[Tensor],
     rotations: Tensor,
     n_buckets: Any,
+    hasher: Optional[Callable[..., Tensor]] = None,
 ) -> tuple[Tensor, Tensor]:
     """Hash, sort and run :class:`LSHAttentionFunction` on validated inputs.
 
     qk, v: ``(B, H, N, D)`` (padded positions already zeroed); key_padding_mask: ``(B, N)`` bool or
-    None; rotations: ``(H, D, n_hashes, W)`` for ``n_buckets`` (int or pair). Returns out
+    None; rotations: ``(H, D, n_hashes, W)`` for ``n_buckets`` (int or pair); hasher: a function
+    with :func:`~reformer.kernels.hashing.hash_buckets`'s signature (default: that one). Returns out
     ``(B, H, N, D)`` and lse ``(B, H, N)``.
     """
     b, h, n, d = qk.shape
     with torch.no_grad():
-        buckets = hash_buckets(qk.detach(), rotations, n_buckets, dtype=torch.int32)
+        buckets = (hasher or hash_buckets)(qk.detach(), rotations, n_buckets, dtype=torch.int32)
         order, bkt = sort_rounds(buckets, key_padding_mask, total_buckets(n_buckets))
         del buckets
         pos = torch.arange(n, dtype=torch.int32, device=qk.device).expand(b, h, n)

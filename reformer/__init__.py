@@ -11,7 +11,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    # baseline Transformer (the seed)
+    # baseline Transformer (the original description)
     "MultiHeadAttention": "attention",
     "TokenEmbedding": "positional",
     "SinusoidalPositionalEncoding": "positional",
@@ -37,6 +37,7 @@ _EXPORTS = {
     # tools
     "swap_attention": "swap",
     "swap_positional": "swap",
+    "load_swapped": "swap",
     "SwapReport": "swap",
     "make_reversible": "swap_reversible",
 }

@@ -10,6 +10,7 @@ import torch
 
 import reformer.kernels
 from reformer.kernels import hashing, lsh_attention, lsh_buckets, ref_lsh
+from reformer.kernels.lsh_function import SortedCoreAdapter
 
 SELF_ONLY_LSE = -1e5  # docs/lsh.md, "The self rule": lse reported for rows with no permitted key
 NEG_INF = float("-inf")
@@ -312,11 +313,12 @@ def test_lsh_buckets_bad_inputs_raise():
 
 def test_triton_backend_runs_the_triton_lsh_module_as_the_core(monkeypatch):
     """backend="triton" hands ``reformer.kernels.triton_lsh`` (here a stand-in that records its
-    calls and delegates to the reference core) to the shared multi-round Function."""
+    calls and delegates to the reference) to the shared multi-round Function as its round-level core."""
     calls = []
+    reference = SortedCoreAdapter(ref_lsh)
     fake = types.ModuleType("reformer.kernels.triton_lsh")
-    fake.fwd = lambda *a, **k: calls.append("fwd") or ref_lsh.fwd(*a, **k)
-    fake.bwd = lambda *a, **k: calls.append("bwd") or ref_lsh.bwd(*a, **k)
+    fake.forward_round = lambda *a, **k: calls.append("fwd") or reference.forward_round(*a, **k)
+    fake.backward_round = lambda *a, **k: calls.append("bwd") or reference.backward_round(*a, **k)
     monkeypatch.setitem(sys.modules, "reformer.kernels.triton_lsh", fake)
     monkeypatch.setattr(reformer.kernels, "triton_lsh", fake, raising=False)
     qk = rand(1, 2, 20, 8, dtype=torch.float32, seed=1).requires_grad_()
