@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from ._checks import (
+from .checks import (
     check_attention_inputs,
     check_attn_mask,
     check_backend,

@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-HEAD_DIMS = (16, 128)  # supported head dims, inclusive
+from .limits import TRITON_HEAD_DIMS as HEAD_DIMS  # supported head dims, inclusive (one definition)
+
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 SIGNATURE_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 

@@ -10,20 +10,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from reformer.kernels._checks import check_key_padding_mask  # noqa: F401  (re-exported for the modules)
+from reformer.kernels.checks import check_key_padding_mask, check_positive_int  # noqa: F401  (re-exported)
 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_positive(name: str, value: object) -> int:
-    """``value`` is an int >= 1: ``TypeError`` for a non-int (bools included), ``ValueError`` below 1."""
-    if not _is_int(value):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+check_positive = check_positive_int  # one rule for modules and ops: TypeError for non-ints, ValueError below 1
 
 
 def check_non_negative(name: str, value: object) -> int:

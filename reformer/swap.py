@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 from torch import Tensor, nn
 
 from ._validation import check_seed
-from .kernels._checks import check_positive_int
+from .kernels.checks import check_positive_int
 from .kernels.hashing import check_n_buckets
 from .lsh_attention import LSHMultiheadAttention
 from .positional import AxialPositionalEncoding, SinusoidalPositionalEncoding

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from reformer.kernels import triton_lsh
-from reformer.kernels.lsh_common import KEY_EPS
+from reformer.kernels.hashing import KEY_EPS
 from reformer.kernels.triton_tiles import program_id64
 
 pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("one_thread")]

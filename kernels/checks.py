@@ -1,4 +1,5 @@
-"""Input validation shared by the functional ops.
+"""Input validation shared by the functional ops and the ``reformer`` modules (public:
+``reformer.kernels.checks``).
 
 Every public op checks its arguments here first, so that a wrong rank, a mismatched head
 count or a mask of the wrong shape raises a ``ValueError``/``TypeError`` that names the
