@@ -301,7 +301,8 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if getattr(args, "external", None) is not None:
-        return int(args.external.run(args) or 0)
+        result = args.external.run(args)  # generate returns its results dict, gpu-check an exit code
+        return result if isinstance(result, int) else 0
     plots = not args.no_plots and not args.plan_only
     if plots and importlib.util.find_spec("matplotlib") is None:
         raise SystemExit(f"{_prog()}: the plots need matplotlib, which is not installed: "

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import matplotlib
 
@@ -62,10 +62,13 @@ def _ffn_bars(ax, records: list[dict], key: str, label: str) -> None:
     ax.set(ylabel=label, title=f"feed-forward step, N={p['seq_len']} d_model={p['d_model']} d_ff={p['d_ff']}")
 
 
-def model_plot(records: list[dict], path: Path, title: str) -> None:
-    """Columns: the depth sweep, the length sweep, the feed-forward step (those present)."""
+def model_plot(records: list[dict], path: Path, title: str) -> Optional[bool]:
+    """Columns: the depth sweep, the length sweep, the feed-forward step (those present); False
+    (nothing written) when none is."""
     records = [r for r in records if r["benchmark"] == "model"]
     sweeps = [s for s in ("depth", "length", "ffn") if any(r["params"]["sweep"] == s for r in records)]
+    if not sweeps:  # e.g. only the single 1M-token step of ``model --long``: nothing to plot against
+        return False
     fig, axes = plt.subplots(2, len(sweeps), figsize=(5.5 * len(sweeps), 8), squeeze=False)
     rows = ((0, "peak_mem_mib", "peak extra memory (MiB)"), (1, "time_fwdbwd_ms", "train step (ms)"))
     for col, sweep in enumerate(sweeps):
@@ -109,6 +112,6 @@ def write_plots(records: list[dict], out: Path, title: str) -> list[str]:
     names = []
     for benchmark, plot in PLOTS.items():
         if any(r["benchmark"] == benchmark for r in records):
-            plot(records, out / f"{benchmark}.png", title)
-            names.append(f"{benchmark}.png")
+            if plot(records, out / f"{benchmark}.png", title) is not False:
+                names.append(f"{benchmark}.png")
     return names
