@@ -37,7 +37,7 @@ from .summary import headline, write_summary
 BENCHMARKS = ("attention", "model", "quality")
 DTYPES = ("float32", "float16", "bfloat16")
 MODEL_SWEEPS = ("depth", "length", "ffn", "long")
-QUICK_MINUTES = 3  # what --quick takes on a 2-core CPU (README and --help say the same)
+QUICK_MINUTES = 5  # what --quick takes on a 2-core CPU (README and --help say the same)
 FULL_MINUTES = 20
 # sub-commands implemented by modules that expose add_arguments(parser) and run(args) -> int
 EXTERNAL = {

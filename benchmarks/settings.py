@@ -1,6 +1,6 @@
 """What each sub-benchmark runs in each preset (command-line flags override).
 
-- ``--quick`` (about 3 minutes on a 2-core CPU): attention from N=256 (where naive attention
+- ``--quick`` (about 5 minutes on a 2-core CPU): attention from N=256 (where naive attention
   still wins) to N=8192 (the longest length at which naive attention runs in seconds), n_hashes=4,
   no peers; a small depth sweep and feed-forward step; a small quality sweep.
 - full (the default, ``make bench``; sized to finish within 20 minutes on a 2-core CPU):
