@@ -4,10 +4,11 @@
   still wins) to N=8192 (the longest length at which naive attention runs in seconds), n_hashes=4,
   no peers; a small depth sweep and feed-forward step; a small quality sweep.
 - full (the default, ``make bench``; sized to finish within 20 minutes on a 2-core CPU):
-  attention B=1, H=8, D=64, bucket_size=64, float32 from N=1024 to 32768 with n_hashes 2, 4, 8
-  and the peers at n_hashes=4; training-step memory versus depth (1-8) at N=2048, versus length
-  (1K-16K) at depth 2, and the chunked feed-forward step at N=16384 (d_ff 4096, chunks 1 vs 8);
-  quality versus n_hashes at N=2048. Larger sweeps: ``--lengths``, ``--depths``, ``--n-hashes``.
+  attention B=1, H=8, D=64, bucket_size=64, float32 from N=1024 to 16384 with n_hashes 2 and 4
+  and the peers at n_hashes=4 (32K and beyond: ``--long``); training-step memory versus depth
+  (1-8) at N=1024, versus length (1K-16K) at depth 2, and the chunked feed-forward step at
+  N=8192 (d_ff 4096, chunks 1 vs 8); quality versus n_hashes at N=2048, bucket size 64.
+  Larger sweeps: ``--lengths``, ``--depths``, ``--n-hashes``.
 - ``--long``: LSH attention (torch backend, n_hashes=4) at 32K, 128K and 1M tokens, one call per
   case with the time ratio to the first length (``attention --long``), and one training step of
   a reversible ReformerLM at N=1M (``model --long``).
@@ -95,11 +96,11 @@ QUICK = Settings(
 )
 
 FULL = Settings(
-    attention=AttentionSettings(lengths=(1024, 2048, 4096, 8192, 16384, 32768), n_hashes=(2, 4, 8),
+    attention=AttentionSettings(lengths=(1024, 2048, 4096, 8192, 16384), n_hashes=(2, 4),
                                 peer_hashes=(4,)),
-    model=ModelSettings(depths=(1, 2, 4, 8), depth_len=2048, lengths=(1024, 4096, 16384), length_depth=2,
-                        ffn_len=16384, ffn_d_model=512, ffn_d_ff=4096, ff_chunks=8, dims=_MODEL_DIMS),
-    quality=QualitySettings(seq_len=2048, heads=2, bucket_sizes=(32, 64), n_hashes=(1, 2, 4, 8), seeds=2),
+    model=ModelSettings(depths=(1, 2, 4, 8), depth_len=1024, lengths=(1024, 4096, 16384), length_depth=2,
+                        ffn_len=8192, ffn_d_model=512, ffn_d_ff=4096, ff_chunks=8, dims=_MODEL_DIMS),
+    quality=QualitySettings(seq_len=2048, heads=2, bucket_sizes=(64,), n_hashes=(1, 2, 4, 8), seeds=2),
     repeats=3, budget_s=4.0, max_call_s=20.0, timeout_s=900.0,
 )
 
