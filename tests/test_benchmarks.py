@@ -41,7 +41,7 @@ def test_parse_defaults_and_overrides():
     assert s.attention.lengths == (128, 256) and s.attention.n_hashes == (2,) and s.attention.heads == 4
     assert s.repeats == 2 and s.attention.head_dim == QUICK.attention.head_dim  # untouched fields keep the preset
     full = cli.settings_from_args(cli.parse_args(["all"]))
-    assert full == FULL and max(full.attention.lengths) == 32768
+    assert full == FULL and max(full.attention.lengths) == 16384
     depth_only = cli.settings_from_args(cli.parse_args(["model", "--sweeps", "depth", "--depths", "2", "12"]))
     assert {c.params["sweep"] for c in cli.plan("model", depth_only, "float32")} == {"depth"}
     assert {c.params["depth"] for c in cli.plan("model", depth_only, "float32")} == {2, 12}
