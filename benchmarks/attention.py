@@ -101,7 +101,7 @@ def model_bytes(params: dict) -> Optional[float]:
         from reformer.kernels.triton_lsh import model_bytes as lsh_model_bytes
     except Exception:  # Triton missing or broken: no model
         return None
-    mode = "bucket" if params["causal"] else "chunk"
+    mode = "chunk"  # the default causal_mode, and the only mode without causal
     return float(lsh_model_bytes(groups, n, d, bucket_size=params["bucket_size"], element_size=esize,
                                  n_hashes=params["n_hashes"], causal_mode=mode, block=64 if esize == 2 else 32))
 

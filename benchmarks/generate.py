@@ -81,7 +81,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     s = _sizes(args)
     config = ReformerConfig(vocab_size=256, d_model=s["d_model"], n_heads=s["heads"], depth=s["depth"],
                             d_ff=4 * s["d_model"], max_seq_len=s["prompt_len"] + s["new_tokens"],
-                            attention=args.attention, bucket_size=s["bucket_size"], n_hashes=s["n_hashes"], seed=0)
+                            attention=args.attention, bucket_size=s["bucket_size"], n_hashes=s["n_hashes"], seed=0,
+                            causal_mode="bucket")
     torch.manual_seed(0)
     model = ReformerLM(config).to(args.device).eval()
     prompt = torch.randint(0, 256, (1, s["prompt_len"]), device=args.device)

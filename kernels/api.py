@@ -122,7 +122,7 @@ def lsh_attention(
     n_hashes: int = 4,
     n_buckets: Optional[NBuckets] = None,
     causal: bool = False,
-    causal_mode: str = "bucket",
+    causal_mode: str = "chunk",
     key_padding_mask: Optional[Tensor] = None,
     rotations: Optional[Tensor] = None,
     seed: Optional[int] = None,
@@ -148,11 +148,11 @@ def lsh_attention(
             buckets), an even int >= 2 (plain hashing) or a pair ``(n1, n2)`` of even ints >= 2
             (factorised hashing, ``n1 * n2`` buckets).
         causal: position i attends only to positions <= i (never to a later one).
-        causal_mode: with ``causal=True``: ``"bucket"`` (default: per round a query attends to the
-            most recent ``bucket_size`` positions of its own bucket up to itself; no output
-            depends on a later token) or ``"chunk"`` (the chunked look-back restricted to
-            positions <= i; a later token's bucket can move an earlier position's chunk, so
-            earlier outputs can depend on later tokens). Ignored when ``causal=False``.
+        causal_mode: with ``causal=True``: ``"chunk"`` (default: the chunked look-back restricted
+            to positions <= i; a later token's bucket can move an earlier position's chunk, so
+            earlier outputs can depend on later tokens) or ``"bucket"`` (per round a query
+            attends to the most recent ``bucket_size`` positions of its own bucket up to itself;
+            no output depends on a later token). Ignored when ``causal=False``.
         key_padding_mask: ``(B, N)`` bool, True = padding: such a position is no key, outputs 0
             (lse -inf), and whatever its qk and v hold (NaN and Inf included) cannot affect any
             other output or gradient (its gradients are 0).

@@ -41,11 +41,13 @@ class ReformerConfig:
             at construction to ``reformer.kernels.default_n_buckets(max_seq_len, bucket_size)``
             and the resolved value is stored. The bucket count never depends on the input
             length, so a position's hash does not change as a sequence grows.
-        causal_mode: how causal LSH picks keys (see docs/lsh.md). ``"bucket"`` (default): each
-            query attends, per round, to the most recent ``bucket_size`` positions of its own
-            bucket, so its key set depends on earlier positions only and cached decoding
-            (``generate(use_cache=True)``) is exact. ``"chunk"``: the chunked look-back of the
-            Reformer paper, where later tokens can move an earlier position's chunk boundary.
+        causal_mode: how causal LSH picks keys (see docs/lsh.md). ``"chunk"`` (default): the
+            chunked look-back of the Reformer paper, where later tokens can move an earlier
+            position's chunk boundary. ``"bucket"``: each query attends, per round, to the most
+            recent ``bucket_size`` positions of its own bucket, so its key set depends on
+            earlier positions only and cached decoding (``generate(use_cache=True)``) is exact;
+            it learns less at the same ``bucket_size`` (docs/experiments.md), so give it about
+            twice the ``bucket_size`` of a chunk-mode model.
         causal: position i sees only positions <= i (needed by ``loss`` and ``generate``).
         reversible: reversible blocks (activation memory independent of depth) or the same
             two-stream network with ordinary autograd.
@@ -78,7 +80,7 @@ class ReformerConfig:
     bucket_size: int = 64
     n_hashes: int = 4
     n_buckets: Optional[Union[int, tuple[int, int]]] = None
-    causal_mode: str = "bucket"
+    causal_mode: str = "chunk"
     causal: bool = True
     reversible: bool = True
     ff_chunks: int = 1

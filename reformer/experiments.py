@@ -34,10 +34,11 @@ import torch
 from torch import nn
 
 from .lsh_attention import LSHSelfAttention
-from .train import run
+from .checkpoint import load_training_checkpoint
+from .train import build_trainer, run
 from .train_config import TrainConfig, format_n_buckets, parse_n_buckets
 from .train_dist import DistContext
-from .train_loop import Trainer, evaluate
+from .train_loop import Trainer, evaluate, masked_lm_loss
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -56,7 +57,7 @@ def duplication_parser() -> argparse.ArgumentParser:
     p.add_argument("--bucket-size", type=int, default=8, help="LSH chunk length (full: seq_len)")
     p.add_argument("--n-buckets", type=parse_n_buckets, default=None, metavar="N|N1xN2",
                    help="LSH buckets per round of the LSH models (even int, N1xN2 = factorised, auto)")
-    p.add_argument("--causal-mode", choices=("bucket", "chunk"), default="bucket", help="causal LSH mode")
+    p.add_argument("--causal-mode", choices=("bucket", "chunk"), default="chunk", help="causal LSH mode")
     p.add_argument("--train-hashes", type=_ints, default=(1, 2, 4), help="LSH models to train")
     p.add_argument("--eval-hashes", type=_ints, default=(1, 2, 4, 8), help="LSH rounds to evaluate with")
     p.add_argument("--steps", type=int, default=1000)
@@ -174,6 +175,11 @@ def compare_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-batch-size", type=int, default=4)
     p.add_argument("--text-lr", type=float, default=2e-3)
     p.add_argument("--eval-batches", type=int, default=16)
+    p.add_argument("--l2r-batches", type=int, default=4,
+                   help="held-out batches also scored left to right (each prediction from a forward over its "
+                        "prefix only, see left_to_right_logits); 0 = skip")
+    p.add_argument("--eval-only", action="store_true",
+                   help="evaluate the finished runs already in --out instead of training")
     p.add_argument("--out", type=Path, default=Path("runs") / "compare")
     p.add_argument("--overwrite", action="store_true", help="replace the runs of an earlier grid in --out")
     return p
@@ -195,21 +201,84 @@ def compare_config(opts: argparse.Namespace, task: str, causal_mode: str, n_buck
                        overwrite=opts.overwrite, export=False, **extra)
 
 
+@torch.no_grad()
+def left_to_right_logits(model: nn.Module, tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+    """Logits ``(B, N, V)`` whose row ``t`` (for ``t`` in ``positions``; other rows are zero) comes
+    from a forward over ``tokens[:, :t + 1]`` alone, as a left-to-right generator sees it.
+
+    Teacher-forced logits come from one forward over the whole sequence; with causal LSH in
+    ``causal_mode="chunk"`` later tokens can change earlier rows through the hashes (docs/lsh.md,
+    "Causal modes"), so the two can differ; in ``causal_mode="bucket"`` (and with full attention)
+    they agree up to rounding, given the same rotations. Every forward starts from the global RNG
+    state at the call, so each draws the same LSH rotations. One forward per position: an
+    evaluation tool for short sequences, not a fast path."""
+    state = torch.get_rng_state()
+    rows = []
+    for t in positions:
+        torch.set_rng_state(state)
+        rows.append(model(tokens[:, : t + 1])[:, t])
+    logits = torch.zeros(*tokens.shape, rows[0].shape[-1], dtype=rows[0].dtype, device=tokens.device)
+    logits[:, list(positions)] = torch.stack(rows, dim=1)
+    return logits
+
+
+@torch.no_grad()
+def evaluate_left_to_right(trainer: Trainer, batches: int) -> dict[str, float]:
+    """On the first ``batches`` validation batches of the trainer's task: loss and accuracy of
+    one teacher-forced forward (``tf_loss``, ``tf_acc``) and of left-to-right predictions
+    (``l2r_loss``, ``l2r_acc``, :func:`left_to_right_logits`), every forward with the same LSH
+    rotations, so any difference comes from later tokens reaching earlier predictions."""
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, 3, dtype=torch.float64)
+    with torch.random.fork_rng(devices=[]):
+        for index in range(batches):
+            tokens, mask = trainer.task.batch(index, trainer.opts.batch_size, split="val")
+            positions = mask.any(dim=0).nonzero().flatten().tolist()
+            state = torch.get_rng_state()
+            forced = model(tokens)
+            torch.set_rng_state(state)
+            prefix = left_to_right_logits(model, tokens, positions)
+            for row, logits in enumerate((forced, prefix)):
+                loss, correct, count = masked_lm_loss(logits, tokens, mask)
+                total[row] += torch.stack([loss * count, correct, count]).double()
+    model.train(was_training)
+    count = total[:, 2].clamp_min(1.0)
+    return {"tf_loss": (total[0, 0] / count[0]).item(), "tf_acc": (total[0, 1] / count[0]).item(),
+            "l2r_loss": (total[1, 0] / count[1]).item(), "l2r_acc": (total[1, 1] / count[1]).item()}
+
+
 def format_compare_table(results: Sequence[dict]) -> str:
     """A markdown table of :func:`compare` results: one row per run."""
-    lines = ["| task | causal_mode | n_buckets | eval loss (nats) | bits/char | accuracy | train s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| task | causal_mode | n_buckets | bucket_size | eval loss (nats) | bits/char | accuracy "
+             "| teacher-forced / left-to-right accuracy | train s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         bpc = f"{r['bits_per_char']:.3f}" if r["task"] == "text" else "-"
-        lines.append(f"| {r['task']} | {r['causal_mode']} | {r['n_buckets']} | {r['loss']:.3f} | {bpc} | "
-                     f"{100 * r['acc']:.1f}% | {r['seconds']:.0f} |")
+        l2r = (f"{100 * r['tf_acc']:.1f}% / {100 * r['l2r_acc']:.1f}%" if r.get("l2r_acc") is not None else "-")
+        seconds = f"{r['seconds']:.0f}" if r.get("seconds") is not None else "-"
+        lines.append(f"| {r['task']} | {r['causal_mode']} | {r['n_buckets']} | {r['bucket_size']} | {r['loss']:.3f} "
+                     f"| {bpc} | {100 * r['acc']:.1f}% | {l2r} | {seconds} |")
     return "\n".join(lines)
+
+
+def _finished(config: TrainConfig) -> Trainer:
+    """The trainer of ``config`` with the weights of its finished run in ``config.out``."""
+    trainer = build_trainer(config, DistContext())
+    path = trainer.checkpoint_path
+    if not path.exists():
+        raise FileNotFoundError(f"--eval-only: no finished run at {path}")
+    trainer.model.load_state_dict(load_training_checkpoint(path)["model"])
+    return trainer
 
 
 def compare(argv: Optional[Sequence[str]] = None) -> str:
     """Train one model per (task, causal_mode, n_buckets) at the same budget; print and return a
     markdown table of held-out loss / bits per char / accuracy; write ``--out/compare.json``."""
     opts = compare_parser().parse_args(argv)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     results = []
     for task in opts.tasks:
         schemes = opts.dup_n_buckets if task == "duplication" else opts.text_n_buckets
@@ -217,12 +286,13 @@ def compare(argv: Optional[Sequence[str]] = None) -> str:
             for n_buckets in schemes:
                 config = compare_config(opts, task, causal_mode, n_buckets)
                 tic = time.perf_counter()
-                trainer = run(config)
-                seconds = time.perf_counter() - tic
+                trainer = _finished(config) if opts.eval_only else run(config)
+                seconds = None if opts.eval_only else time.perf_counter() - tic
                 stats = evaluate(trainer.model, trainer.task, trainer.opts, DistContext())
+                l2r = evaluate_left_to_right(trainer, opts.l2r_batches) if opts.l2r_batches else {}
                 results.append({"task": task, "causal_mode": causal_mode, "n_buckets": format_n_buckets(n_buckets),
                                 "loss": stats["loss"], "bits_per_char": stats["loss"] / math.log(2),
-                                "acc": stats["acc"], "seconds": seconds, "steps": config.steps,
+                                "acc": stats["acc"], **l2r, "l2r_batches": opts.l2r_batches, "seconds": seconds, "steps": config.steps,
                                 "seq_len": config.seq_len, "bucket_size": config.bucket_size,
                                 "n_hashes": config.n_hashes, "depth": config.depth, "d_model": config.d_model,
                                 "batch_size": config.batch_size, "seed": config.seed})

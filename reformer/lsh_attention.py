@@ -7,8 +7,9 @@ constructor prefix, call signature, defaults (``batch_first=False``) and return 
 
 Hashing scheme: ``n_buckets`` (None = the kernels' automatic rule from the input length; an
 even int = plain hashing; ``(n1, n2)`` = factorised hashing) and, for causal attention,
-``causal_mode`` (``"bucket"``: per round the most recent ``bucket_size`` positions of a query's
-own bucket, no look-ahead, exact cached decoding; ``"chunk"``: the paper's chunked look-back).
+``causal_mode`` (``"chunk"``, the default: the paper's chunked look-back; ``"bucket"``: per round
+the most recent ``bucket_size`` positions of a query's own bucket, no look-ahead, exact cached
+decoding).
 The semantics are in docs/lsh.md.
 
 Rotations: in training every forward draws fresh rotations from the global RNG on the input's
@@ -104,7 +105,7 @@ def _round_keys(buckets: Tensor, bucket_size: int, causal: bool, causal_mode: st
 
 
 def lsh_attention_weights(qk: Tensor, *, bucket_size: int, n_hashes: int, n_buckets: NBuckets, rotations: Tensor,
-                          causal: bool = False, causal_mode: str = "bucket",
+                          causal: bool = False, causal_mode: str = "chunk",
                           key_padding_mask: Optional[Tensor] = None) -> Tensor:
     """The combined LSH attention weights as a dense ``(B, H, N, N)`` matrix (docs/lsh.md).
 
@@ -142,7 +143,7 @@ class _SharedQKAttention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, *, bucket_size: int, n_hashes: int, dropout: float,
                  seed: Optional[int], backend: str, bias: bool, n_buckets: Optional[NBuckets] = None,
-                 causal_mode: str = "bucket"):
+                 causal_mode: str = "chunk"):
         super().__init__()
         self.head_dim = check_heads(d_model, n_heads)
         self.d_model, self.n_heads = d_model, n_heads
@@ -273,12 +274,13 @@ class LSHSelfAttention(_SharedQKAttention):
         n_buckets: None (automatic from the input length), an even int, or a pair ``(n1, n2)``
             of even ints (factorised hashing). Fix it when outputs must not depend on the
             length through the bucket count (cached decoding needs a fixed count).
-        causal_mode: ``"bucket"`` (default; no look-ahead) or ``"chunk"`` (used when causal).
+        causal_mode: ``"chunk"`` (default; the paper's chunked look-back) or ``"bucket"`` (no
+            look-ahead, exact cached decoding); used when causal.
     """
 
     def __init__(self, d_model: int, n_heads: int, *, bucket_size: int = 64, n_hashes: int = 4, causal: bool = False,
                  dropout: float = 0.0, seed: Optional[int] = None, backend: str = "auto", bias: bool = True,
-                 n_buckets: Optional[NBuckets] = None, causal_mode: str = "bucket"):
+                 n_buckets: Optional[NBuckets] = None, causal_mode: str = "chunk"):
         super().__init__(d_model, n_heads, bucket_size=bucket_size, n_hashes=n_hashes, dropout=dropout, seed=seed,
                          backend=backend, bias=bias, n_buckets=n_buckets, causal_mode=causal_mode)
         self.causal = _check_bool("causal", causal)
@@ -385,7 +387,7 @@ class LSHMultiheadAttention(_SharedQKAttention):
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  batch_first: bool = False, *, bucket_size: int = 64, n_hashes: int = 4, seed: Optional[int] = None,
-                 backend: str = "auto", n_buckets: Optional[NBuckets] = None, causal_mode: str = "bucket"):
+                 backend: str = "auto", n_buckets: Optional[NBuckets] = None, causal_mode: str = "chunk"):
         super().__init__(embed_dim, num_heads, bucket_size=bucket_size, n_hashes=n_hashes, dropout=dropout,
                          seed=seed, backend=backend, bias=bias, n_buckets=n_buckets, causal_mode=causal_mode)
         self.embed_dim, self.num_heads = embed_dim, num_heads
@@ -435,7 +437,7 @@ class LSHMultiheadAttention(_SharedQKAttention):
     @classmethod
     def from_torch(cls, mha: nn.MultiheadAttention, *, bucket_size: int = 64, n_hashes: int = 4,
                    seed: Optional[int] = None, backend: str = "auto", n_buckets: Optional[NBuckets] = None,
-                   causal_mode: str = "bucket") -> "LSHMultiheadAttention":
+                   causal_mode: str = "chunk") -> "LSHMultiheadAttention":
         """Build from a trained ``nn.MultiheadAttention``: its query projection becomes the shared
         QK projection; its value and output projections are reused; its KEY PROJECTION IS DROPPED
         (shared-QK attention has none). Same embed_dim, num_heads, dropout, bias, batch_first,

@@ -77,7 +77,8 @@ class ReformerLM(nn.Module):
     Incremental decoding: ``cache = model.new_cache()`` then ``model(prompt, cache=cache)``
     (the prefill) and ``model(next_tokens (B, 1), cache=cache)`` per new token give the logits
     of one full forward over the same tokens (for full attention, and for LSH with
-    ``causal_mode="bucket"``, the default). ``generate`` does this for you. Saved models:
+    ``causal_mode="bucket"``; the default ``"chunk"`` decodes uncached). ``generate`` does this
+    for you. Saved models:
     ``save_pretrained(dir)`` / ``ReformerLM.from_pretrained(dir)`` (``reformer.pretrained``).
     """
 

@@ -118,7 +118,7 @@ def swap_attention(
     include: Union[str, Sequence[str], None] = None,
     exclude: Union[str, Sequence[str], None] = None,
     n_buckets: Union[int, tuple[int, int], None] = None,
-    causal_mode: str = "bucket",
+    causal_mode: str = "chunk",
 ) -> SwapReport:
     """Replace, in place, each self-attention ``nn.MultiheadAttention`` of ``model`` by
     ``LSHMultiheadAttention.from_torch(mha, bucket_size=..., n_hashes=..., seed=...)``.
@@ -129,8 +129,9 @@ def swap_attention(
     key projection is dropped. ``batch_first``, device and dtype are kept.
 
     ``n_buckets`` and ``causal_mode`` are ``lsh_attention``'s (``None``: the automatic bucket
-    rule; ``"bucket"``: causal attention within a query's own bucket, no output depends on a later
-    token; ``"chunk"``: the chunked look-back, exact causal attention when ``bucket_size >= N``).
+    rule; ``"chunk"``, the default: the chunked look-back, exact causal attention when
+    ``bucket_size >= N``; ``"bucket"``: causal attention within a query's own bucket, no output
+    depends on a later token).
 
     Seeds: the ``k``-th swapped module (in ``model.named_modules()`` order) gets ``seed + k``,
     which fixes its LSH rotations in eval mode, so eval outputs are reproducible by default

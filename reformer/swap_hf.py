@@ -50,7 +50,7 @@ class LSHSettings:
     n_hashes: int
     seed: Optional[int]
     n_buckets: Any = None  # None, an int or a pair (n1, n2)
-    causal_mode: str = "bucket"
+    causal_mode: str = "chunk"
 
     def to_json(self) -> dict[str, Any]:
         record = dataclasses.asdict(self)
@@ -62,7 +62,7 @@ class LSHSettings:
     def from_json(cls, record: dict[str, Any]) -> "LSHSettings":
         n_buckets = record.get("n_buckets")
         return cls(int(record["bucket_size"]), int(record["n_hashes"]), record.get("seed"),
-                   tuple(n_buckets) if isinstance(n_buckets, list) else n_buckets, record.get("causal_mode", "bucket"))
+                   tuple(n_buckets) if isinstance(n_buckets, list) else n_buckets, record.get("causal_mode", "chunk"))
 
 
 def is_hf_model(model: nn.Module) -> bool:

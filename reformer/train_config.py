@@ -54,7 +54,7 @@ class TrainConfig:
 
     Model: ``attention``, ``n_hashes``, ``bucket_size``, ``n_buckets`` (None = automatic from
     ``seq_len`` and ``bucket_size``; an even int = plain hashing; a pair ``(n1, n2)`` =
-    factorised hashing), ``causal_mode`` (``"bucket"`` or ``"chunk"``, see docs/lsh.md), ``depth``, ``d_model``, ``n_heads``,
+    factorised hashing), ``causal_mode`` (``"chunk"``, the default, or ``"bucket"``, see docs/lsh.md), ``depth``, ``d_model``, ``n_heads``,
     ``d_ff``, ``ff_chunks``, ``axial_shape`` (None = sinusoidal positions), ``reversible``,
     ``dropout``; see :class:`reformer.ReformerConfig` (the model is causal).
 
@@ -88,7 +88,7 @@ class TrainConfig:
     n_hashes: int = 4
     bucket_size: int = 64
     n_buckets: Optional[Union[int, tuple[int, int]]] = None
-    causal_mode: str = "bucket"
+    causal_mode: str = "chunk"
     depth: int = 2
     d_model: int = 256
     n_heads: int = 4

@@ -6,7 +6,10 @@ import math
 import pytest
 
 from reformer.checkpoint import load_training_checkpoint
-from reformer.experiments import compare, compare_parser, duplication, format_compare_table
+import torch
+
+from reformer import ReformerConfig, ReformerLM
+from reformer.experiments import compare, compare_parser, duplication, format_compare_table, left_to_right_logits
 
 TINY = ["--threads", "1", "--n-hashes", "2", "--eval-batches", "1",
         "--dup-seq-len", "16", "--dup-vocab-size", "8", "--dup-d-model", "16", "--dup-bucket-size", "4",
@@ -42,16 +45,56 @@ def test_compare_runs_the_grid_and_records_each_scheme(tmp_path, capsys):
                   for m in ("chunk", "bucket") for n in ("4", "2x2")]
         rest = [{k: v for k, v in s.items() if k not in ("causal_mode", "n_buckets")} for s in setups]
         assert all(r == rest[0] for r in rest)
+    # left to right: bucket mode has no look-ahead, so it scores exactly as teacher-forced
+    for r in report["results"]:
+        assert 0.0 <= r["l2r_acc"] <= 1.0 and math.isfinite(r["l2r_loss"])
+        if r["causal_mode"] == "bucket":
+            assert r["l2r_acc"] == r["tf_acc"] and r["l2r_loss"] == pytest.approx(r["tf_loss"], rel=1e-5)
+    # --eval-only scores the finished runs again without training
+    again = compare([*TINY, "--text", str(corpus), "--out", str(out), "--eval-only"])
+    rerun = json.loads((out / "compare.json").read_text())["results"]
+    assert [r["acc"] for r in rerun] == [r["acc"] for r in report["results"]]
+    assert all(r["seconds"] is None for r in rerun) and again.splitlines()[2].endswith("| - |")
+    with pytest.raises(FileNotFoundError, match="no finished run"):
+        compare([*TINY, "--text", str(corpus), "--out", str(tmp_path / "empty"), "--eval-only"])
+
+
+def _lm(causal_mode):
+    config = ReformerConfig(vocab_size=16, d_model=16, n_heads=2, depth=1, d_ff=32, max_seq_len=48, bucket_size=4,
+                            n_hashes=2, n_buckets=4, causal_mode=causal_mode, causal=True, seed=3)
+    torch.manual_seed(0)
+    return ReformerLM(config).eval()
+
+
+def test_left_to_right_logits_see_only_the_prefix():
+    """Row t comes from tokens[:, :t + 1] alone: equal to the teacher-forced row in bucket mode (no
+    look-ahead), different somewhere in chunk mode (later tokens move chunk boundaries), and in
+    both modes unchanged when the tokens after t change."""
+    tokens = torch.randint(0, 16, (2, 48), generator=torch.Generator().manual_seed(1))
+    positions = list(range(47))
+    for mode in ("bucket", "chunk"):
+        model = _lm(mode)
+        with torch.no_grad():
+            forced = model(tokens)
+        prefix = left_to_right_logits(model, tokens, positions)
+        changed = tokens.clone()
+        changed[:, 30:] = (changed[:, 30:] + 1) % 16
+        assert torch.equal(left_to_right_logits(model, changed, positions[:30])[:, :30], prefix[:, :30])
+        assert torch.equal(prefix[:, 47], torch.zeros_like(prefix[:, 47]))  # rows not asked for stay zero
+        if mode == "bucket":
+            torch.testing.assert_close(prefix[:, :47], forced[:, :47], rtol=1e-5, atol=1e-5)
+        else:
+            assert not torch.allclose(prefix[:, :47], forced[:, :47], rtol=1e-4, atol=1e-4)
 
 
 def test_compare_table_format():
-    rows = [{"task": "text", "causal_mode": "bucket", "n_buckets": "4x4", "loss": 1.0, "bits_per_char": 1.4427,
-             "acc": 0.5, "seconds": 3.0},
-            {"task": "duplication", "causal_mode": "chunk", "n_buckets": "16", "loss": 2.0, "bits_per_char": 2.9,
-             "acc": 0.25, "seconds": 4.0}]
+    rows = [{"task": "text", "causal_mode": "bucket", "n_buckets": "4x4", "bucket_size": 32, "loss": 1.0,
+             "bits_per_char": 1.4427, "acc": 0.5, "tf_acc": 0.5, "l2r_acc": 0.375, "seconds": 3.0},
+            {"task": "duplication", "causal_mode": "chunk", "n_buckets": "16", "bucket_size": 8, "loss": 2.0,
+             "bits_per_char": 2.9, "acc": 0.25, "seconds": None}]
     lines = format_compare_table(rows).splitlines()
-    assert lines[2] == "| text | bucket | 4x4 | 1.000 | 1.443 | 50.0% | 3 |"
-    assert lines[3] == "| duplication | chunk | 16 | 2.000 | - | 25.0% | 4 |"
+    assert lines[2] == "| text | bucket | 4x4 | 32 | 1.000 | 1.443 | 50.0% | 50.0% / 37.5% | 3 |"
+    assert lines[3] == "| duplication | chunk | 16 | 8 | 2.000 | - | 25.0% | - | - |"
 
 
 def test_compare_rejects_bad_schemes():

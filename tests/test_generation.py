@@ -16,7 +16,7 @@ from reformer.lsh_attention import draw_rotations, lsh_attention_weights
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = dict(vocab_size=32, d_model=32, n_heads=4, depth=2, d_ff=64, max_seq_len=48, bucket_size=4,
-            n_hashes=2, ff_chunks=3, axial_shape=(6, 8), n_buckets=4)
+            n_hashes=2, ff_chunks=3, axial_shape=(6, 8), n_buckets=4, causal_mode="bucket")
 
 
 def naive_bucket_attention(qk, v, buckets, bucket_size):
@@ -75,7 +75,8 @@ def test_dense_chunk_weights_times_v_equal_the_kernel(causal, n):
 
 def test_lsh_module_bucket_mode_matches_the_per_query_definition():
     torch.manual_seed(0)
-    attn = LSHSelfAttention(16, 2, bucket_size=3, n_hashes=2, causal=True, seed=4, n_buckets=(2, 4)).double().eval()
+    attn = LSHSelfAttention(16, 2, bucket_size=3, n_hashes=2, causal=True, seed=4, n_buckets=(2, 4),
+                           causal_mode="bucket").double().eval()
     x = torch.randn(2, 13, 16, dtype=torch.float64)
     with torch.no_grad():
         qk, v = attn._project(x)
@@ -143,7 +144,7 @@ def test_cache_errors():
             model(torch.zeros(1, 1, dtype=torch.long), cache=model.new_cache(), key_padding_mask=torch.zeros(1, 1).bool())
     with pytest.raises(ValueError, match="capacity must be <= max_seq_len=48"):
         model.new_cache(49)
-    chunk = ReformerLM(ReformerConfig(**TINY, attention="lsh", causal_mode="chunk"))
+    chunk = ReformerLM(ReformerConfig(**{**TINY, "causal_mode": "chunk"}, attention="lsh"))
     with pytest.raises(ValueError, match="cached decoding needs"):
         chunk.new_cache()
 
@@ -272,7 +273,7 @@ def test_generate_benchmark_quick_smoke(tmp_path, capsys):
 
 def test_chunk_mode_generates_uncached_with_plain_forwards():
     torch.manual_seed(0)
-    model = ReformerLM(ReformerConfig(**TINY, attention="lsh", causal_mode="chunk", seed=4)).double().eval()
+    model = ReformerLM(ReformerConfig(**{**TINY, "causal_mode": "chunk"}, attention="lsh", seed=4)).double().eval()
     assert not model.supports_cache()
     prompt = torch.randint(0, 32, (2, 7))
     out = model.generate(prompt, 5, do_sample=False)  # use_cache=True falls back to full forwards

@@ -392,7 +392,7 @@ def test_gpt2_swapped_save_load_round_trip_is_exact(tmp_path):
     saved = __import__("json").loads((tmp_path / "config.json").read_text())["reformer_swap"]
     assert set(saved["attention"]) == {"transformer.h.0.attn", "transformer.h.1.attn"}
     assert saved["attention"]["transformer.h.1.attn"] == {"bucket_size": 4, "n_hashes": 2, "seed": 1,
-                                                          "n_buckets": None, "causal_mode": "bucket"}
+                                                          "n_buckets": None, "causal_mode": "chunk"}
     assert saved["positional"] == {"transformer.wpe": {"axial_shape": [8, 8], "axial_dims": None}}
 
     loaded = load_swapped(GPT2LMHeadModel, tmp_path)

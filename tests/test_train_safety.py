@@ -266,18 +266,18 @@ def test_lsh_scheme_validation_in_python():
     with pytest.raises(ValueError, match=r"n_buckets \(--n-buckets\).*pair"):
         TrainConfig(n_buckets=(2, 2, 2))
     assert TrainConfig(n_buckets=[4, 2]).n_buckets == (4, 2)
-    assert TrainConfig().causal_mode == "bucket" and TrainConfig().n_buckets is None
+    assert TrainConfig().causal_mode == "chunk" and TrainConfig().n_buckets is None
 
 
 def test_trained_model_has_the_requested_lsh_scheme_and_resume_refuses_a_change(tmp_path):
     lsh = ["--attention", "lsh", "--bucket-size", "4", "--n-hashes", "2"]
-    trainer = run(_config(tmp_path, *lsh, "--causal-mode", "chunk", "--n-buckets", "2x2", "--stop-at", "2"))
-    assert trainer.model.config.causal_mode == "chunk" and trainer.model.config.n_buckets == (2, 2)
+    trainer = run(_config(tmp_path, *lsh, "--causal-mode", "bucket", "--n-buckets", "2x2", "--stop-at", "2"))
+    assert trainer.model.config.causal_mode == "bucket" and trainer.model.config.n_buckets == (2, 2)
     setup = load_training_checkpoint(tmp_path / "checkpoint.pt")["meta"]["setup"]
-    assert setup["causal_mode"] == "chunk" and setup["n_buckets"] == [2, 2]
-    with pytest.raises(CheckpointError, match=r"--causal-mode \(saved 'chunk', given 'bucket'\)"):
+    assert setup["causal_mode"] == "bucket" and setup["n_buckets"] == [2, 2]
+    with pytest.raises(CheckpointError, match=r"--causal-mode \(saved 'bucket', given 'chunk'\)"):
         run(_config(tmp_path, *lsh, "--resume", "--n-buckets", "2x2"))
     with pytest.raises(CheckpointError, match=r"--n-buckets \(saved \[2, 2\], given 4\)"):
-        run(_config(tmp_path, *lsh, "--resume", "--causal-mode", "chunk", "--n-buckets", "4"))
-    resumed = run(_config(tmp_path, *lsh, "--resume", "--causal-mode", "chunk", "--n-buckets", "2x2"))
+        run(_config(tmp_path, *lsh, "--resume", "--causal-mode", "bucket", "--n-buckets", "4"))
+    resumed = run(_config(tmp_path, *lsh, "--resume", "--causal-mode", "bucket", "--n-buckets", "2x2"))
     assert resumed.step == 4
