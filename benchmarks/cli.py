@@ -2,7 +2,8 @@
 ``reformer-bench COMMAND [options]`` (or ``python -m reformer_bench``) after ``pip install``.
 
 Commands: ``attention``, ``model``, ``quality``, ``all`` (the three in turn), ``generate``
-(text-generation speed, ``benchmarks/generate.py``) and ``gpu-check`` (``benchmarks/gpu_check.py``).
+(text-generation speed, ``benchmarks/generate.py``), ``gpu-check`` (``benchmarks/gpu_check.py``)
+and ``attention-map`` (a plot of recorded LSH attention, ``benchmarks/attention_map.py``).
 ``COMMAND --help`` shows that command's options. Each measuring command prints a banner and its
 plan (cases to run and to skip, estimated duration), runs the cases with a progress bar showing
 the estimated time left, prints the tables and writes ``DIR/results.json``, ``DIR/summary.md``
@@ -43,6 +44,8 @@ FULL_MINUTES = 20
 EXTERNAL = {
     "generate": ("generate", "text-generation speed of ReformerLM (benchmarks/generate.py)"),
     "gpu-check": ("gpu_check", "check and time the Triton kernels on a CUDA GPU (benchmarks/gpu_check.py)"),
+    "attention-map": ("attention_map", "record a small ReformerLM's LSH attention and plot one layer and head "
+                                       "(benchmarks/attention_map.py)"),
 }
 PROG = "python -m benchmarks"
 
@@ -121,7 +124,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                        description=model.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(m)
     _model_options(m)
-    q = sub.add_parser("quality", help="LSH vs full shared-QK attention: error and recall versus n_hashes",
+    q = sub.add_parser("quality", help="LSH vs full shared-QK attention: error and recall versus n_hashes, "
+                                       "plain vs factorised hashing",
                        description=quality.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(q)
     al = sub.add_parser("all", help="attention, model and quality in turn (make bench / make bench-quick)")
@@ -248,7 +252,9 @@ def shapes(benchmarks: Sequence[str], s: Settings) -> list[str]:
                      f"causal={a.causal} N={list(a.lengths)} n_hashes={list(a.n_hashes)}",
         "model": model_text,
         "quality": f"quality: B={q.batch} H={q.heads} N={q.seq_len} D={q.head_dim} bucket_size={list(q.bucket_sizes)} "
-                   f"n_hashes={list(q.n_hashes)} seeds={q.seeds} top_k={q.top_k}",
+                   f"n_hashes={list(q.n_hashes)} seeds={q.seeds} top_k={q.top_k} | hashing: plain vs factorised "
+                   + ", ".join(f"{n} vs {a}x{b}" for n, (a, b) in quality.HASHING_PAIRS)
+                   + f" at bucket_size={max(q.bucket_sizes)} n_hashes={quality.HASHING_N_HASHES}",
     }
     return [text[b] for b in benchmarks]
 

@@ -4,7 +4,7 @@ One training step = ``loss(tokens)`` forward + backward (no optimizer update) at
 
 Providers:
 
-- ``transformer``: the seed's baseline as a decoder-only LM: ``reformer.TokenEmbedding`` +
+- ``transformer``: the baseline Transformer (Vaswani et al.) as a decoder-only LM: ``reformer.TokenEmbedding`` +
   sinusoidal positions, ``depth`` causal ``reformer.EncoderLayer`` s (naive full attention,
   post-norm residuals, unchunked feed-forward), linear head. Same d_model, heads, d_ff, depth
   and vocabulary as the ReformerLM it is compared with.

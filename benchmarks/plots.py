@@ -2,7 +2,8 @@
 
 - ``attention.png``: forward+backward time and peak extra memory versus N, log-log.
 - ``model.png``: training-step peak memory and time versus depth and versus N.
-- ``quality.png``: relative error and top-k recall versus n_hashes.
+- ``quality.png``: relative error and top-k recall versus n_hashes, and versus the bucket count
+  for plain and factorised hashing.
 """
 from __future__ import annotations
 
@@ -93,12 +94,25 @@ def model_plot(records: list[dict], path: Path, title: str) -> Optional[bool]:
 
 
 def quality_plot(records: list[dict], path: Path, title: str) -> None:
+    """Top row: relative error and top-k recall versus n_hashes (the ``n_hashes`` sweep); bottom
+    row, when the run has the ``hashing`` sweep: the same versus the bucket count, one line per
+    input and scheme (plain versus factorised at equal bucket counts)."""
     records = [r for r in records if r["benchmark"] == "quality"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    for ax, key, label in zip(axes, ("rel_err", "recall_at_k"), ("relative error", "top-k recall")):
-        _lines(ax, records, lambda r: r["params"]["n_hashes"], key)
-        ax.set(xscale="log", xlabel="n_hashes", ylabel=label)
-        ax.set_xscale("log", base=2)
+    by_hashes = [r for r in records if r["params"].get("sweep", "n_hashes") == "n_hashes"]
+    by_scheme = [r for r in records if r["params"].get("sweep") == "hashing"]
+    rows = [(by_hashes, "n_hashes", lambda r: r["params"]["n_hashes"])] if by_hashes else []
+    if by_scheme:
+        rows.append((by_scheme, "buckets (plain n vs factorised n1 x n2 = n)",
+                     lambda r: r["params"]["total_buckets"]))
+    fig, axes = plt.subplots(len(rows), 2, figsize=(12, 4.8 * len(rows)), squeeze=False)
+    for (sub, xlabel, x), row in zip(rows, axes):
+        for ax, key, label in zip(row, ("rel_err", "recall_at_k"), ("relative error", "top-k recall")):
+            _lines(ax, sub, x, key)
+            ax.set(xlabel=xlabel, ylabel=label)
+            ax.set_xscale("log", base=2)
+            if sub is by_scheme:
+                p = sub[0]["params"]
+                ax.set_title(f"hashing schemes, bucket_size={p['bucket_size']} n_hashes={p['n_hashes']}", fontsize=9)
     shapes = _shapes(records, ("batch", "heads", "seq_len", "head_dim", "seeds", "top_k"))
     fig.suptitle(f"LSH vs full shared-QK attention | {shapes}\n{title}", fontsize=9)
     _save(fig, path)

@@ -1,8 +1,19 @@
-"""How close LSH attention is to full shared-QK attention, versus n_hashes and bucket_size.
+"""How close LSH attention is to full shared-QK attention, versus n_hashes and bucket_size, and
+with plain versus factorised hashing at the same number of buckets.
 
-Reference: full shared-QK attention with the same rules as ``lsh_attention`` (keys are ``qk``
-normalised to unit norm, logits ``q . k / sqrt(D)``, a position's own logit set to -1e5), so
-the only difference measured is which keys LSH lets each query see.
+Reference: ``reformer.kernels.dense_shared_qk_attention``, full shared-QK attention with the
+same rules as ``lsh_attention`` (keys ``qk`` normalised to unit norm, logits ``q . k / sqrt(D)``,
+a position attends to itself only when nothing else is permitted; docs/lsh.md), so the only
+difference measured is which keys LSH lets each query see.
+
+Sweeps (``params["sweep"]``):
+
+- ``n_hashes``: every ``n_hashes`` and ``bucket_size`` of the preset, with the default bucket
+  rule (``n_buckets=None``).
+- ``hashing``: at the preset's largest ``bucket_size`` and ``HASHING_N_HASHES`` rounds, plain
+  hashing into ``n`` buckets against factorised hashing into ``n1 x n2 = n`` buckets, for each
+  pair of ``HASHING_PAIRS`` (64 vs 8x8, 256 vs 16x16). Series ``"<input> plain"`` and
+  ``"<input> factorised"``; ``params["hashing"]`` is ``"plain 64"``, ``"factorised 8x8"``...
 
 Metrics, averaged over heads, queries and seeds:
 
@@ -35,6 +46,10 @@ from .cases import Case, make_record, requires
 BENCHMARK = "quality"
 INPUTS = ("random", "clustered")
 CLUSTER_SIZE = 16
+SWEEPS = ("n_hashes", "hashing")
+# the hashing sweep: (plain bucket count, factorised (n1, n2) with n1 * n2 equal to it)
+HASHING_PAIRS: tuple[tuple[int, tuple[int, int]], ...] = ((64, (8, 8)), (256, (16, 16)))
+HASHING_N_HASHES = 2
 missing = requires("reformer.kernels:lsh_attention")
 
 
@@ -53,14 +68,6 @@ def make_inputs(kind: str, shape: tuple[int, int, int, int], seed: int) -> tuple
     noise = 0.1 * torch.randn(shape, generator=gen) / math.sqrt(d)
     qk = F.normalize(centres[:, :, member] + noise, dim=-1) * 8 * math.sqrt(d)
     return qk, v
-
-
-def full_shared_qk_probs(qk: Tensor) -> Tensor:
-    """``(B, H, N, D)`` -> attention probabilities ``(B, H, N, N)`` of full shared-QK attention."""
-    keys = qk / qk.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    scores = qk @ keys.transpose(-1, -2) / math.sqrt(qk.shape[-1])  # (B, H, N, N)
-    scores.diagonal(dim1=-2, dim2=-1).fill_(-1e5)
-    return scores.softmax(dim=-1)
 
 
 def lsh_weights(qk: Tensor, **lsh_kwargs: Any) -> Tensor:
@@ -83,10 +90,10 @@ def lsh_weights(qk: Tensor, **lsh_kwargs: Any) -> Tensor:
 
 def compare(qk: Tensor, v: Tensor, top_k: int, **lsh_kwargs: Any) -> dict[str, float]:
     """``rel_err``, ``recall_at_k`` and ``mass_recall`` of ``lsh_attention(qk, v, **lsh_kwargs)``."""
-    from reformer.kernels import lsh_attention
+    from reformer.kernels import dense_shared_qk_weights, lsh_attention
 
     with torch.no_grad():
-        probs = full_shared_qk_probs(qk)
+        probs = dense_shared_qk_weights(qk)  # (B, H, N, N)
         full = probs @ v
         lsh = lsh_attention(qk, v, **lsh_kwargs)
         seen = lsh_weights(qk, **lsh_kwargs) > 0  # (B, H, N, N)
@@ -98,12 +105,45 @@ def compare(qk: Tensor, v: Tensor, top_k: int, **lsh_kwargs: Any) -> dict[str, f
     }
 
 
+def hashing_label(n_buckets: Any) -> str:
+    """``"plain 64"`` for an int, ``"factorised 8x8"`` for a pair, ``"default"`` for None."""
+    if n_buckets is None:
+        return "default"
+    if isinstance(n_buckets, int):
+        return f"plain {n_buckets}"
+    return "factorised " + "x".join(str(n) for n in n_buckets)
+
+
+def _check_pairs(pairs: Iterable[tuple[int, tuple[int, int]]]) -> list[tuple[int, tuple[int, int]]]:
+    pairs = [(plain, tuple(factors)) for plain, factors in pairs]
+    for plain, factors in pairs:
+        if len(factors) != 2 or factors[0] * factors[1] != plain:
+            raise ValueError(f"hashing pairs must be (n, (n1, n2)) with n1 * n2 == n, got {(plain, factors)}")
+    return pairs
+
+
 def plan(n_hashes: Iterable[int], bucket_sizes: Iterable[int], *, batch: int, heads: int, seq_len: int,
-         head_dim: int, seeds: int, top_k: int) -> list[Case]:
+         head_dim: int, seeds: int, top_k: int,
+         hashing: Iterable[tuple[int, tuple[int, int]]] = HASHING_PAIRS,
+         hashing_n_hashes: int = HASHING_N_HASHES) -> list[Case]:
+    """The ``n_hashes`` sweep (every ``n_hashes`` x ``bucket_size``, default bucket rule) and the
+    ``hashing`` sweep (each pair of ``hashing``, plain then factorised, at ``max(bucket_sizes)``
+    and ``hashing_n_hashes`` rounds; empty ``hashing``: no such sweep), for both inputs."""
+    bucket_sizes, pairs = list(bucket_sizes), _check_pairs(hashing)
     base = dict(batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim, dtype="float32", seeds=seeds,
                 top_k=top_k)
-    return [Case(BENCHMARK, "lsh-torch", f"{kind} bs={bs}", dict(base, input=kind, bucket_size=bs, n_hashes=h))
-            for kind in INPUTS for bs in bucket_sizes for h in n_hashes]
+    cases = [Case(BENCHMARK, "lsh-torch", f"{kind} bs={bs}",
+                  dict(base, input=kind, bucket_size=bs, n_hashes=h, sweep="n_hashes", n_buckets=None,
+                       hashing=hashing_label(None)))
+             for kind in INPUTS for bs in bucket_sizes for h in n_hashes]
+    for kind in INPUTS:
+        for plain, factors in pairs:
+            for scheme, n_buckets in (("plain", plain), ("factorised", list(factors))):
+                cases.append(Case(BENCHMARK, "lsh-torch", f"{kind} {scheme}",
+                                  dict(base, input=kind, bucket_size=max(bucket_sizes), n_hashes=hashing_n_hashes,
+                                       sweep="hashing", n_buckets=n_buckets, total_buckets=plain,
+                                       hashing=hashing_label(plain if scheme == "plain" else factors))))
+    return cases
 
 
 def run(case: Case) -> dict[str, Any]:
@@ -113,10 +153,12 @@ def run(case: Case) -> dict[str, Any]:
         return make_record(case, "unavailable", reason)
     p = case.params
     shape = (p["batch"], p["heads"], p["seq_len"], p["head_dim"])
+    n_buckets = p.get("n_buckets")  # None (default rule), an int (plain) or [n1, n2] (factorised)
+    n_buckets = tuple(n_buckets) if isinstance(n_buckets, list) else n_buckets
     runs = []
     for seed in range(p["seeds"]):
         qk, v = make_inputs(p["input"], shape, seed)
         runs.append(compare(qk, v, p["top_k"], bucket_size=p["bucket_size"], n_hashes=p["n_hashes"],
-                            seed=seed, backend="torch"))
+                            n_buckets=n_buckets, seed=seed, backend="torch"))
     metrics = {key: sum(r[key] for r in runs) / len(runs) for key in runs[0]}
     return make_record(case, "ok", **metrics)

@@ -29,7 +29,10 @@
          "gflops_fwdbwd": float,      # 3.5 * flops_fwd / time_fwdbwd  (measured attention, model)
          "model_bytes": float | null, # modelled bytes moved by fwd+bwd (attention; see attention.model_bytes)
          "gbs_fwdbwd": float,         # model_bytes / time_fwdbwd, GB/s (measured attention)
-         "rel_err", "recall_at_k", "mass_recall": float}   # quality records only
+         "rel_err", "recall_at_k", "mass_recall": float}   # quality records only; their params
+                                      #   also hold sweep ("n_hashes" | "hashing"), n_buckets
+                                      #   (null = default rule, int = plain, [n1, n2] = factorised)
+                                      #   and hashing (a label: "default", "plain 64", "factorised 8x8")
       ]
     }
 """
@@ -116,9 +119,10 @@ def quality_table(records: list[dict[str, Any]], markdown: bool = False) -> str:
     if not records:
         return ""
     rows = [[r["params"]["input"], r["params"]["bucket_size"], r["params"]["n_hashes"],
-             _cell(r, "rel_err"), _cell(r, "recall_at_k"), _cell(r, "mass_recall")] for r in records]
+             r["params"].get("hashing", "default"), _cell(r, "rel_err"), _cell(r, "recall_at_k"),
+             _cell(r, "mass_recall")] for r in records]
     k = records[0]["params"]["top_k"]
-    headers = ["input", "bucket_size", "n_hashes", "rel. error", f"recall@{k}", "mass recall"]
+    headers = ["input", "bucket_size", "n_hashes", "hashing (buckets)", "rel. error", f"recall@{k}", "mass recall"]
     return "LSH vs full shared-QK attention\n" + render(headers, rows, markdown) + "\n\n" + _notes(records)
 
 

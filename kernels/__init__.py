@@ -5,6 +5,7 @@ attention semantics are documented in docs/lsh.md.
 """
 from .api import full_attention, lsh_attention, lsh_buckets, resolve_backend, triton_available
 from .hashing import default_n_buckets
+from .ref_dense import dense_shared_qk_attention, dense_shared_qk_weights
 
-__all__ = ["default_n_buckets", "full_attention", "lsh_attention", "lsh_buckets", "resolve_backend",
-           "triton_available"]
+__all__ = ["default_n_buckets", "dense_shared_qk_attention", "dense_shared_qk_weights", "full_attention",
+           "lsh_attention", "lsh_buckets", "resolve_backend", "triton_available"]

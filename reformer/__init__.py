@@ -34,6 +34,7 @@ _EXPORTS = {
     "EncDecConfig": "encdec",
     "lsh_attention_weights": "lsh_attention",
     "record_attention": "recorder",
+    "plot_attention": "attention_plot",
     # tools
     "swap_attention": "swap",
     "swap_positional": "swap",

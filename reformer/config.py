@@ -9,7 +9,7 @@ from reformer.kernels import default_n_buckets
 
 from ._validation import check_axes, check_dropout, check_heads, check_positive, check_seed
 
-ATTENTIONS = ("lsh", "full")
+ATTENTIONS = ("lsh", "full")  # the attention kinds of ReformerLM and ReformerEncDec (config.attention)
 CAUSAL_MODES = ("bucket", "chunk")
 
 PRESETS: dict[str, dict[str, Any]] = {

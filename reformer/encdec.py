@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from ._validation import (check_axes, check_dropout, check_heads, check_key_padding_mask, check_positive,
                           check_seed, check_tokens)
 from .attention import MultiHeadAttention
-from .config import check_n_buckets, default_n_buckets
+from .config import ATTENTIONS, check_n_buckets, default_n_buckets
 from .feedforward import ChunkedFeedForward, FeedForward
 from .generation import KVCache, ModelCache, decode_tokens, sampling_options
 from .lsh_attention import LSHSelfAttention
@@ -42,8 +42,6 @@ from .model import PreNorm
 from .positional import AxialPositionalEncoding, SinusoidalPositionalEncoding
 from .pretrained import load_pretrained, save_pretrained
 from .reversible import ReversibleSequence
-
-ATTENTIONS = ("lsh", "full")
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,10 @@ class AxialPositionalEncoding(nn.Module):
     ``prod(axial_shape) * d_model``. Any ``N <= prod(axial_shape)`` works: only the first
     ``ceil(N / (n_2 * ... * n_k))`` rows of the first axis are expanded. Tables start as
     N(0, 1) (concatenated) or N(0, 1/k) (summed), so each component has unit variance.
+
+    Takes embeddings and adds the positions. Its sibling ``reformer.swap.AxialPositionIdEmbedding``
+    (what ``swap_positional`` puts in place of an ``nn.Embedding`` position table) takes position
+    ids instead and returns the position vectors only, as ``nn.Embedding`` does.
     """
 
     def __init__(self, d_model: int, axial_shape: Sequence[int], axial_dims: Optional[Sequence[int]] = None):

@@ -2,7 +2,9 @@
 
 * :func:`swap_attention` replaces self-attention ``nn.MultiheadAttention`` modules with
   ``LSHMultiheadAttention`` (same call signature, weights kept) and leaves cross-attention alone.
-* :func:`swap_positional` replaces positional encodings with ``AxialPositionalEncoding``.
+* :func:`swap_positional` replaces positional encodings with learned axial positions:
+  ``AxialPositionalEncoding`` where the old module was *added* to ``(B, N, d_model)`` inputs,
+  :class:`AxialPositionIdEmbedding` where it was an ``nn.Embedding`` *indexed by position ids*.
 * :func:`make_reversible` (in ``reformer.swap_reversible``) turns a stack of pre-norm residual
   blocks into a ``ReversibleSequence``.
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
@@ -28,9 +31,12 @@ from .lsh_attention import LSHMultiheadAttention
 from .positional import AxialPositionalEncoding, SinusoidalPositionalEncoding
 from .swap_hf import is_hf_attention, is_hf_model, load_swapped, record_swap, swap_hf_attention
 
-__all__ = ["swap_attention", "swap_positional", "load_swapped", "SwapReport", "SwapEntry", "AxialPositionEmbedding"]
+__all__ = ["swap_attention", "swap_positional", "load_swapped", "SwapReport", "SwapEntry", "AxialPositionIdEmbedding",
+           "SWAPPABLE_ATTENTIONS"]
 
-ATTENTIONS = ("lsh",)
+# What swap_attention(attention=...) can put in place of a model's attention. Not the same list as
+# reformer.config.ATTENTIONS, the attention kinds a ReformerLM / ReformerEncDec is built with.
+SWAPPABLE_ATTENTIONS = ("lsh",)
 CAUSAL_MODES = ("bucket", "chunk")
 POSITIONAL_EMBEDDING_NAMES = ("wpe", "position_embeddings", "pos_emb", "pos_embedding", "positional_embedding",
                               "embed_positions")
@@ -162,13 +168,14 @@ def swap_attention(
     Raises:
         TypeError: ``model`` is not an ``nn.Module``; ``include``/``exclude`` are not globs;
             ``seed``, ``bucket_size`` or ``n_hashes`` are not ints.
-        ValueError: unknown ``attention``; non-positive ``bucket_size``/``n_hashes``; nothing to swap.
+        ValueError: ``attention`` not in ``SWAPPABLE_ATTENTIONS`` (only ``"lsh"``); non-positive
+            ``bucket_size``/``n_hashes``; nothing to swap.
 
     Returns:
         a :class:`SwapReport` listing the swapped and the skipped modules with reasons.
     """
-    if attention not in ATTENTIONS:
-        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+    if attention not in SWAPPABLE_ATTENTIONS:
+        raise ValueError(f"attention must be one of {SWAPPABLE_ATTENTIONS}, got {attention!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     include, exclude = _patterns("include", include), _patterns("exclude", exclude)
@@ -251,11 +258,15 @@ def _swap_torch_attention(model: nn.Module, report: SwapReport, *, lsh: dict[str
             report.add(name, "changed", "nn.TransformerEncoder nested-tensor fast path disabled")
 
 
-class AxialPositionEmbedding(nn.Module):
+class AxialPositionIdEmbedding(nn.Module):
     """Axial positions behind ``nn.Embedding``'s interface: position ids ``(...)`` -> ``(..., d_model)``.
 
-    For models that look a learned positional table up by index (GPT-2's ``wpe``, BERT's
-    ``position_embeddings``); ids must be below ``prod(axial_shape)``.
+    The drop-in replacement for a learned positional table that a model looks up by *position
+    ids* (GPT-2's ``wpe``, BERT's ``position_embeddings``): ``forward(position_ids)`` returns the
+    rows, which the model then adds itself; ids must be below ``prod(axial_shape)``. Its sibling
+    ``reformer.AxialPositionalEncoding`` (held here as ``self.axial``, so the parameters are
+    ``axial.weights.<axis>``) takes the *embeddings* ``(B, N, d_model)`` and returns them with the
+    positions added. (Called ``AxialPositionEmbedding`` before; that name still works but warns.)
     """
 
     def __init__(self, d_model: int, axial_shape: Sequence[int], axial_dims: Optional[Sequence[int]] = None):
@@ -275,7 +286,7 @@ def _positional_replacement(name: str, module: nn.Module, axial_shape: Sequence[
         new = AxialPositionalEncoding(module.d_model, axial_shape, axial_dims)
         old_len, kind = module.max_len, "Sinusoidal"
     else:
-        new = AxialPositionEmbedding(module.embedding_dim, axial_shape, axial_dims)
+        new = AxialPositionIdEmbedding(module.embedding_dim, axial_shape, axial_dims)
         old_len, kind = module.num_embeddings, "nn.Embedding"
         if size < old_len:
             raise ValueError(f"{name}: axial_shape {tuple(axial_shape)} covers {size} positions, fewer than "
@@ -296,7 +307,7 @@ def swap_positional(
     Targets: every ``SinusoidalPositionalEncoding`` (replaced by ``AxialPositionalEncoding``,
     which is also added to ``(B, N, d_model)`` inputs) and every ``nn.Embedding`` whose
     attribute name is one of ``POSITIONAL_EMBEDDING_NAMES`` (replaced by
-    :class:`AxialPositionEmbedding`, which is also indexed by position ids). ``names`` (globs on
+    :class:`AxialPositionIdEmbedding`, which is also indexed by position ids). ``names`` (globs on
     qualified names; one string or a sequence) overrides that choice. The axial tables are new
     parameters: fine-tune after. On a Hugging Face model the swap is recorded in
     ``model.config.reformer_swap`` (see :func:`load_swapped`).
@@ -324,3 +335,17 @@ def swap_positional(
     if not report.swapped:
         raise ValueError(f"no positional encoding found to swap in {type(model).__name__}\n{report}")
     return report
+
+
+_RENAMED = {"AxialPositionEmbedding": "AxialPositionIdEmbedding", "ATTENTIONS": "SWAPPABLE_ATTENTIONS"}
+
+
+def __getattr__(name: str) -> Any:
+    """The earlier names of :class:`AxialPositionIdEmbedding` and ``SWAPPABLE_ATTENTIONS``: still
+    importable, with a ``DeprecationWarning``."""
+    if name in _RENAMED:
+        new = _RENAMED[name]
+        warnings.warn(f"reformer.swap.{name} is deprecated, use reformer.swap.{new}", DeprecationWarning,
+                      stacklevel=2)
+        return globals()[new]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -84,7 +84,7 @@ def test_subcommand_help_shows_only_its_options(capsys):
     with pytest.raises(SystemExit):
         cli.parse_args(["--help"])
     text = capsys.readouterr().out
-    for command in ("attention", "model", "quality", "all", "generate", "gpu-check"):
+    for command in ("attention", "model", "quality", "all", "generate", "gpu-check", "attention-map"):
         assert command in text
 
 
@@ -325,7 +325,8 @@ def test_model_and_quality_end_to_end(tmp_path):
     records = _check_schema(tmp_path / "results.json")
     assert [r["status"] for r in records if r["benchmark"] == "model"] == ["ok"] * 3, records
     q = [r for r in records if r["benchmark"] == "quality"]
-    assert len(q) == 4 and all(0 <= r["recall_at_k"] <= 1 and r["rel_err"] >= 0 for r in q)
+    assert len(q) == 4 + 2 * 2 * len(quality.HASHING_PAIRS)  # n_hashes sweep + plain/factorised pairs per input
+    assert all(r["status"] == "ok" and 0 <= r["recall_at_k"] <= 1 and r["rel_err"] >= 0 for r in q)
     assert (tmp_path / "model.png").exists() and (tmp_path / "quality.png").exists()
 
 
@@ -338,3 +339,57 @@ def test_quality_weights_reproduce_lsh_output():
     w = quality.lsh_weights(qk, **kw)
     torch.testing.assert_close(w @ v, lsh_attention(qk, v, **kw), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(w.sum(-1), torch.ones(1, 2, 100))
+
+
+def test_quality_hashing_axis_compares_plain_and_factorised_at_equal_bucket_counts(tmp_path, monkeypatch):
+    from benchmarks import plots, report
+
+    cases = quality.plan((1, 2), (8, 16), batch=1, heads=1, seq_len=64, head_dim=16, seeds=1, top_k=4)
+    assert [c.params["sweep"] for c in cases] == ["n_hashes"] * 8 + ["hashing"] * 8
+    assert all(c.params["n_buckets"] is None and c.params["hashing"] == "default" for c in cases[:8])
+    hashing = cases[8:]
+    assert [(c.params["input"], c.series, c.params["n_buckets"], c.params["hashing"]) for c in hashing[:4]] == [
+        ("random", "random plain", 64, "plain 64"), ("random", "random factorised", [8, 8], "factorised 8x8"),
+        ("random", "random plain", 256, "plain 256"), ("random", "random factorised", [16, 16], "factorised 16x16")]
+    assert [c.params["input"] for c in hashing[4:]] == ["clustered"] * 4
+    assert {(c.params["n_hashes"], c.params["bucket_size"]) for c in hashing} == {(quality.HASHING_N_HASHES, 16)}
+    assert [c.params["total_buckets"] for c in hashing[:4]] == [64, 64, 256, 256]
+    assert not [c for c in quality.plan((1,), (8,), batch=1, heads=1, seq_len=64, head_dim=16, seeds=1, top_k=4,
+                                        hashing=()) if c.params["sweep"] == "hashing"]
+    with pytest.raises(ValueError, match="n1 \\* n2 == n"):
+        quality.plan((1,), (8,), batch=1, heads=1, seq_len=64, head_dim=16, seeds=1, top_k=4, hashing=[(64, (8, 4))])
+
+    seen = []
+    compare = quality.compare
+    monkeypatch.setattr(quality, "compare", lambda *a, **kw: seen.append(kw["n_buckets"]) or compare(*a, **kw))
+    records = [quality.run(c) for c in cases[4:8] + hashing[4:]]  # the clustered cases
+    assert seen == [None] * 4 + [64, (8, 8), 256, (16, 16)]  # JSON [8, 8] reaches lsh_attention as a pair
+    assert all(r["status"] == "ok" for r in records)
+    plain, factorised = records[4], records[5]
+    assert plain["rel_err"] != factorised["rel_err"]  # different hashes, so different keys seen
+    table = report.quality_table(records)
+    assert "hashing (buckets)" in table and "factorised 16x16" in table and "plain 64" in table
+    plots.quality_plot(records, tmp_path / "quality.png", "test")
+    plots.quality_plot(records[4:], tmp_path / "hashing_only.png", "test")
+    assert (tmp_path / "quality.png").stat().st_size > (tmp_path / "hashing_only.png").stat().st_size > 0
+
+
+def test_quick_quality_preset_stays_short():
+    """The hashing sweep at most doubles the quick preset's quality part (estimated work), which
+    stays planned at well under a minute."""
+    cases = cli.plan("quality", QUICK, "float32")
+    by_sweep = {sweep: sum(cli._quality_s(c) for c in cases if c.params["sweep"] == sweep)
+                for sweep in quality.SWEEPS}
+    assert 0 < by_sweep["hashing"] <= by_sweep["n_hashes"]
+    assert sum(by_sweep.values()) < 60
+
+
+def test_attention_map_command_writes_a_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert cli.main(["attention-map", "--out", str(tmp_path), "--layer", "1", "--head", "3",
+                     "--text", "a short text"]) == 0
+    png = tmp_path / "attention_map.png"
+    assert png.stat().st_size > 0 and png.read_bytes()[:4] == b"\x89PNG"
+    assert "over N=12 tokens" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="head=4 is out of range"):
+        cli.main(["attention-map", "--out", str(tmp_path), "--head", "4"])

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 import reformer.kernels
-from reformer.kernels import hashing, lsh_attention, lsh_buckets, ref_lsh
+from reformer.kernels import dense_shared_qk_attention, hashing, lsh_attention, lsh_buckets, ref_lsh
 from reformer.kernels.lsh_function import SortedCoreAdapter
 
-SELF_ONLY_LSE = -1e5  # docs/lsh.md, "The self rule": lse reported for rows with no permitted key
 NEG_INF = float("-inf")
 
 
@@ -32,27 +31,6 @@ def masked_softmax_attend(s, v):
     has_key = (s > NEG_INF).any(-1, keepdim=True)
     p = torch.softmax(s.masked_fill(~has_key, 0.0), dim=-1) * has_key
     return p @ v, torch.logsumexp(s, dim=-1)
-
-
-def self_rule(out, s, v, mask):
-    """A non-padding row with no permitted key outputs its own value; padding rows output 0."""
-    alone = ~(s > NEG_INF).any(-1, keepdim=True)
-    out = torch.where(alone, v, out)
-    return out if mask is None else out.masked_fill(mask[:, None, :, None], 0.0)
-
-
-def full_shared_qk(qk, v, causal=False, mask=None):
-    """Full shared-QK attention with the self rule (the exactness property's right-hand side)."""
-    n, d = qk.shape[-2:]
-    k = qk / qk.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    s = qk @ k.transpose(-1, -2) / math.sqrt(d)
-    s = s.masked_fill(torch.eye(n, dtype=torch.bool), NEG_INF)
-    if causal:
-        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), NEG_INF)
-    if mask is not None:
-        s = s.masked_fill(mask[:, None, None, :], NEG_INF)
-    out, _ = masked_softmax_attend(s, v)
-    return self_rule(out, s, v, mask)
 
 
 def naive_chunked_lsh(qk, v, rotations, bucket_size, causal=False, mask=None):
@@ -115,7 +93,7 @@ def test_one_chunk_equals_full_attention(n, causal, padded, dtype, atol):
     bucket_size = n if n % 2 else n + 5  # exactly one chunk, with and without internal padding
     out = lsh_attention(qk, v, bucket_size=bucket_size, n_hashes=2, causal=causal, causal_mode="chunk",
                         key_padding_mask=mask, seed=n, backend="torch")
-    ref = full_shared_qk(qk, v, causal, mask)
+    ref = dense_shared_qk_attention(qk, v, causal=causal, key_padding_mask=mask)
     torch.testing.assert_close(out, ref, atol=atol, rtol=0)
     for got, want in zip(grads(out, (qk, v)), grads(ref, (qk, v))):
         torch.testing.assert_close(got, want, atol=atol, rtol=0)
@@ -215,9 +193,8 @@ def test_lse_counts_every_round():
     """Rounds are not de-duplicated: with one chunk, each of the R rounds finds every key."""
     qk, v = rand(1, 2, 10, 8, seed=1), rand(1, 2, 10, 8, seed=2)
     _, lse = lsh_attention(qk, v, bucket_size=10, n_hashes=3, seed=0, return_lse=True)
-    k = qk / qk.norm(dim=-1, keepdim=True)
-    s = (qk @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(torch.eye(10, dtype=torch.bool), NEG_INF)
-    torch.testing.assert_close(lse, torch.logsumexp(s, -1) + math.log(3), atol=1e-10, rtol=0)
+    _, full_lse = dense_shared_qk_attention(qk, v, return_lse=True)
+    torch.testing.assert_close(lse, full_lse + math.log(3), atol=1e-10, rtol=0)
 
 
 def clustered_qk(n, d, n_clusters, seed):
@@ -235,7 +212,7 @@ def test_error_falls_as_n_hashes_grows_on_clustered_inputs():
     for seed in seeds:
         qk = clustered_qk(256, 32, n_clusters=16, seed=seed)
         v = rand(1, 1, 256, 32, dtype=torch.float32, seed=100 + seed)
-        full = full_shared_qk(qk, v)
+        full = dense_shared_qk_attention(qk, v)
         for i, n_hashes in enumerate(hashes):
             out = lsh_attention(qk, v, bucket_size=16, n_hashes=n_hashes, seed=seed)
             errors[i] += (out - full).abs().mean().item() / len(seeds)

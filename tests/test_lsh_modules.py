@@ -10,7 +10,7 @@ from einops import rearrange
 from torch import nn
 
 from reformer import LSHMultiheadAttention, LSHSelfAttention
-from test_lsh_attention import full_shared_qk
+from reformer.kernels import dense_shared_qk_attention
 
 D_MODEL, HEADS = 16, 2
 
@@ -24,9 +24,11 @@ def left_aligned_mask(lengths, n):
 
 
 def full_reference(x, qk_weight, qk_bias, v_weight, v_bias, out_proj, causal=False, mask=None):
-    """Full shared-QK attention (rule 7's right-hand side) with the given projections: (B, N, E)."""
+    """Full shared-QK attention (docs/lsh.md, "Exactness": what one chunk equals) with the given
+    projections: (B, N, E)."""
     split = lambda t: rearrange(t, "b n (h d) -> b h n d", h=HEADS)
-    out = full_shared_qk(split(F.linear(x, qk_weight, qk_bias)), split(F.linear(x, v_weight, v_bias)), causal, mask)
+    out = dense_shared_qk_attention(split(F.linear(x, qk_weight, qk_bias)), split(F.linear(x, v_weight, v_bias)),
+                                    causal=causal, key_padding_mask=mask)
     return out_proj(rearrange(out, "b h n d -> b n (h d)"))
 
 

@@ -1,29 +1,16 @@
 """swap_attention / swap_positional / make_reversible on torch.nn and Hugging Face models."""
 import importlib.util
-import math
 
 import pytest
 import torch
 from torch import nn
 
 from reformer import AxialPositionalEncoding, Encoder, LSHMultiheadAttention, Transformer, swap_attention
-from reformer.swap import AxialPositionEmbedding, swap_positional
+from reformer.kernels import dense_shared_qk_attention
+from reformer.swap import SWAPPABLE_ATTENTIONS, AxialPositionIdEmbedding, swap_positional
 from reformer.swap_reversible import ReversibleStack, make_reversible
 
 E, H, FF = 16, 2, 32
-
-
-def shared_qk(q, v, causal=False, padding=None):
-    """Full shared-QK attention with the Reformer's rules (unit-norm keys, a position sees itself
-    only when nothing else is permitted): (B, H, N, D) -> (B, H, N, D)."""
-    n, d = q.shape[-2:]
-    k = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    s = (q @ k.transpose(-1, -2) / math.sqrt(d)).masked_fill(torch.eye(n, dtype=torch.bool), -1e5)
-    if causal:
-        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
-    if padding is not None:
-        s = s.masked_fill(padding[:, None, None, :], float("-inf"))
-    return torch.softmax(s, dim=-1) @ v
 
 
 def reference_mha(mha, x, padding=None, causal=False):
@@ -33,7 +20,7 @@ def reference_mha(mha, x, padding=None, causal=False):
     split = lambda t: t.unflatten(-1, (mha.num_heads, -1)).transpose(1, 2)  # (B, H, N, Dh)
     q, k, v = (split(x @ wi.T + bi) for wi, bi in zip(w, b))
     assert torch.equal(q, k)  # the test ties the key projection to the query projection
-    out = shared_qk(q, v, causal, padding).transpose(1, 2).flatten(2)
+    out = dense_shared_qk_attention(q, v, causal=causal, key_padding_mask=padding).transpose(1, 2).flatten(2)
     return mha.out_proj(out)
 
 
@@ -169,7 +156,7 @@ def test_swap_positional():
     gpt_like = nn.Module()
     gpt_like.wte, gpt_like.wpe = nn.Embedding(50, E), nn.Embedding(64, E)
     report = swap_positional(gpt_like, (8, 8), axial_dims=(8, 8))
-    assert report.swapped == ["wpe"] and isinstance(gpt_like.wpe, AxialPositionEmbedding)
+    assert report.swapped == ["wpe"] and isinstance(gpt_like.wpe, AxialPositionIdEmbedding)
     ids = torch.arange(10)[None].expand(3, 10)
     emb = gpt_like.wpe(ids)
     assert emb.shape == (3, 10, E)
@@ -178,6 +165,27 @@ def test_swap_positional():
         swap_positional(nn.ModuleDict({"wpe": nn.Embedding(64, E)}), (4, 8))
     with pytest.raises(ValueError, match="no positional encoding"):
         swap_positional(nn.ModuleDict({"tok": nn.Embedding(64, E)}), (8, 8))
+
+
+def test_renamed_swap_names_still_import_with_a_deprecation_warning():
+    import reformer.swap
+
+    with pytest.warns(DeprecationWarning, match="AxialPositionIdEmbedding"):
+        from reformer.swap import AxialPositionEmbedding
+    assert AxialPositionEmbedding is AxialPositionIdEmbedding
+    with pytest.warns(DeprecationWarning, match="SWAPPABLE_ATTENTIONS"):
+        assert reformer.swap.ATTENTIONS is SWAPPABLE_ATTENTIONS
+    with pytest.raises(AttributeError, match="no attribute 'AxialPositionEmbeddings'"):
+        reformer.swap.AxialPositionEmbeddings
+
+
+def test_model_attention_kinds_are_defined_once_and_differ_from_the_swappable_ones():
+    from reformer import config, encdec
+
+    assert encdec.ATTENTIONS is config.ATTENTIONS == ("lsh", "full")
+    assert SWAPPABLE_ATTENTIONS == ("lsh",)
+    with pytest.raises(ValueError, match=r"attention must be one of \('lsh',\), got 'full'"):
+        swap_attention(tied_encoder(), attention="full")
 
 
 def two_stream_reference(encoder, x, padding):
@@ -254,7 +262,8 @@ def _register_reference():
     def forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         assert torch.equal(query, key)  # key projection tied to the query projection
         padding = None if attention_mask is None else ~attention_mask.bool()
-        return shared_qk(query, value, module.is_causal, padding).transpose(1, 2), None
+        out = dense_shared_qk_attention(query, value, causal=module.is_causal, key_padding_mask=padding, scale=scaling)
+        return out.transpose(1, 2), None
 
     AttentionInterface.register("test_shared_qk", forward)
     AttentionMaskInterface.register("test_shared_qk", flash_attention_mask)
@@ -397,7 +406,9 @@ def test_gpt2_swapped_save_load_round_trip_is_exact(tmp_path):
 
     loaded = load_swapped(GPT2LMHeadModel, tmp_path)
     assert type(loaded) is GPT2LMHeadModel and not loaded.training
-    assert isinstance(loaded.transformer.wpe, AxialPositionEmbedding)
+    assert isinstance(loaded.transformer.wpe, AxialPositionIdEmbedding)
+    # the parameter names are the axial encoding's, so checkpoints from before the class rename still load
+    assert {"transformer.wpe.axial.weights.0", "transformer.wpe.axial.weights.1"} <= set(loaded.state_dict())
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
     with torch.no_grad():
