@@ -157,7 +157,7 @@ def plan_lines(name: str, planned: list[tuple[Case, Optional[dict], float]]) -> 
     def where(case: Case) -> str:
         p = case.params
         if name == "quality":
-            return f"h={p['n_hashes']}"
+            return f"h={p['n_hashes']}" + (f" {p['hashing']}" if p.get("sweep") == "hashing" else "")
         return f"depth {p['depth']}" if p.get("sweep") == "depth" else f"N={p.get('seq_len')}"
 
     total = sum(s for _, _, s in planned)
