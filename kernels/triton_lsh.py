@@ -398,9 +398,9 @@ def _configs(half: dict[int, KernelConfig], f32: dict[int, KernelConfig]) -> dic
 
 
 FWD_CONFIGS = _configs({16: _cfg(64, 64), 32: _cfg(64, 64), 64: _cfg(64, 32), 128: _cfg(32, 32)},
-                       {16: _cfg(32, 32, 8), 32: _cfg(32, 32), 64: _cfg(32, 32), 128: _cfg(16, 32)})
-DQ_CONFIGS = _configs({16: _cfg(64, 64), 32: _cfg(64, 32), 64: _cfg(32, 64), 128: _cfg(64, 32, 8)},
-                      {16: _cfg(32, 32), 32: _cfg(32, 32), 64: _cfg(32, 32), 128: _cfg(16, 32)})
+                       {16: _cfg(32, 32, 8), 32: _cfg(32, 16), 64: _cfg(32, 32), 128: _cfg(16, 32)})
+DQ_CONFIGS = _configs({16: _cfg(64, 64), 32: _cfg(64, 32), 64: _cfg(32, 64), 128: _cfg(32, 32, 8)},
+                      {16: _cfg(32, 32), 32: _cfg(32, 32), 64: _cfg(32, 32), 128: _cfg(16, 32, 8)})
 DKDV_CONFIGS = _configs({16: _cfg(32, 64, 8), 32: _cfg(32, 32, 8), 64: _cfg(32, 32, 8), 128: _cfg(32, 32, 8)},
                         {16: _cfg(32, 32), 32: _cfg(16, 32), 64: _cfg(16, 32), 128: _cfg(16, 16, 8, 1)})
 _TUNE_KEY = ("n_slots", "bucket_size", "BLOCK_D")
