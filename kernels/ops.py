@@ -19,7 +19,9 @@ Each forward op runs the eager public function (``reformer.kernels.lsh_attention
 and differentiates it (the functions save only their inputs anyway, so this costs one extra
 forward in the backward, and no extra memory between forward and backward). Rotations must be
 explicit tensors (the forward and the backward must hash identically); ``rotations`` and
-masks get no gradient.
+masks get no gradient. Outputs and gradients are contiguous whatever the inputs' strides (the
+fake implementations say so; e.g. ``qk`` is usually a permuted view of a projection, and a
+fake output with the input's strides would make the compiled graph's later views wrong).
 
 Used by :mod:`reformer.kernels.api` while ``torch.compiler.is_compiling()``; eager calls do not
 go through these ops.
@@ -53,6 +55,18 @@ class _autograd_on:
         return False
 
 
+def _fresh(out: Tensor, *inputs: Tensor) -> Tensor:
+    """An op's output as the fake implementations describe it: contiguous, and never one of the
+    inputs (an output may not alias an input)."""
+    out = out.contiguous()
+    return out.clone() if any(out is x for x in inputs) else out
+
+
+def _grad(grad: Optional[Tensor], x: Tensor) -> Tensor:
+    """A contiguous gradient for ``x`` (zeros when autograd gave None)."""
+    return x.new_zeros(x.shape) if grad is None else grad.contiguous()
+
+
 def _lsh_call(qk: Tensor, v: Tensor, rotations: Tensor, key_padding_mask: Optional[Tensor], n_buckets: list[int],
               bucket_size: int, causal: bool, causal_mode: str, backend: str) -> tuple[Tensor, Tensor]:
     from .api import lsh_attention
@@ -78,13 +92,13 @@ def lsh_attention_op(qk: Tensor, v: Tensor, rotations: Tensor, key_padding_mask:
     """Shared-QK LSH attention; returns out (B, H, N, D) in qk's dtype and lse (B, H, N)."""
     with torch.no_grad():
         out, lse = _lsh_call(qk, v, rotations, key_padding_mask, n_buckets, bucket_size, causal, causal_mode, backend)
-    return out.clone() if out is v else out, lse
+    return _fresh(out, v), lse.contiguous()
 
 
 @lsh_attention_op.register_fake
 def _(qk, v, rotations, key_padding_mask, n_buckets, bucket_size, causal, causal_mode, backend):
     lse_dtype = torch.float64 if qk.dtype == torch.float64 else torch.float32
-    return torch.empty_like(v), qk.new_empty(qk.shape[:3], dtype=lse_dtype)
+    return v.new_empty(v.shape), qk.new_empty(qk.shape[:3], dtype=lse_dtype)
 
 
 @torch.library.custom_op("reformer::lsh_attention_backward", mutates_args=())
@@ -98,12 +112,12 @@ def lsh_attention_backward_op(qk: Tensor, v: Tensor, rotations: Tensor, key_padd
                              backend)
         dqk, dv = torch.autograd.grad((out, lse), (qk_, v_), (dout.to(out.dtype), dlse.to(lse.dtype)),
                                       allow_unused=True)
-    return (torch.zeros_like(qk) if dqk is None else dqk), (torch.zeros_like(v) if dv is None else dv)
+    return _grad(dqk, qk), _grad(dv, v)
 
 
 @lsh_attention_backward_op.register_fake
 def _(qk, v, rotations, key_padding_mask, dout, dlse, n_buckets, bucket_size, causal, causal_mode, backend):
-    return torch.empty_like(qk), torch.empty_like(v)
+    return qk.new_empty(qk.shape), v.new_empty(v.shape)
 
 
 def _lsh_setup(ctx, inputs, output) -> None:
@@ -136,7 +150,7 @@ def full_attention_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optiona
                       backend: str) -> Tensor:
     """softmax(q k^T / sqrt(D)) v (no attn_mask, no dropout); (B, H, Nq, Dv)."""
     with torch.no_grad():
-        return _full_call(q, k, v, key_padding_mask, causal, backend)
+        return _fresh(_full_call(q, k, v, key_padding_mask, causal, backend), q, k, v)
 
 
 @full_attention_op.register_fake
@@ -152,12 +166,12 @@ def full_attention_backward_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask
         xs = [x.detach().requires_grad_() for x in (q, k, v)]
         out = _full_call(*xs, key_padding_mask, causal, backend)
         grads = torch.autograd.grad(out, xs, dout.to(out.dtype), allow_unused=True)
-    return tuple(torch.zeros_like(x) if g is None else g for x, g in zip((q, k, v), grads))
+    return tuple(_grad(g, x) for x, g in zip((q, k, v), grads))
 
 
 @full_attention_backward_op.register_fake
 def _(q, k, v, key_padding_mask, dout, causal, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _full_setup(ctx, inputs, output) -> None:

@@ -11,7 +11,9 @@ Limits:
   zero gradients.
 - devices: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (how the tests run it).
 - backward: one key-centric kernel for dk/dv and one query-centric kernel for dq (no atomics);
-  both recompute the probabilities from the forward's log-sum-exp.
+  both recompute the probabilities from the forward's log-sum-exp, kept in float64 and split
+  into float32 ``hi + lo`` (``p = exp((s - hi) - lo)``), so huge logits (1e7 and beyond, where a
+  float32 lse has no fractional digits left) give the reference's gradients.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from einops import rearrange
 from torch import Tensor
 
 from .triton_configs import AotSpec, KernelConfig, Launcher, check_kernel_dtype, dot_dtype, head_block, storage_dtype
-from .triton_tiles import INT32_LIMIT, program_id64, dot, dot_hi_lo, finish_softmax, load_tile, lse_for_probs, online_softmax_step, store_tile
+from .triton_lsh import lse64, lse_parts
+from .triton_tiles import INT32_LIMIT, program_id64, dot, dot_hi_lo, finish_softmax, load_tile, online_softmax_step, store_tile
 
 
 @triton.jit
@@ -65,9 +68,9 @@ def _fwd_kernel(
         s = dot(q, tl.trans(k), DOT) * scale
         s = tl.where(_permitted(offs_m, offs_n, n_k, kpm_row, causal), s, float("-inf"))
         m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, s, v, DOT)
-    out, lse = finish_softmax(m_i, l_i, acc)
+    out, _ = finish_softmax(m_i, l_i, acc)
     store_tile(Out + g * stride_og, out, offs_m, n_q, offs_d, head_dim_v, stride_on)
-    tl.store(Lse + g * n_q + offs_m, lse, mask=offs_m < n_q)
+    tl.store(Lse + g * n_q + offs_m, lse64(m_i, l_i), mask=offs_m < n_q)  # float64: huge logits keep their digits
 
 
 @triton.jit(do_not_specialize=["n_heads", "causal"])
@@ -96,11 +99,11 @@ def _bwd_dkdv_kernel(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = load_tile(Q + g * stride_qg, offs_m, n_q, offs_d, head_dim, stride_qn)
         do = load_tile(DO + g * stride_og, offs_m, n_q, offs_d, head_dim_v, stride_on)
-        lse = lse_for_probs(tl.load(Lse + g * n_q + offs_m, mask=offs_m < n_q, other=float("-inf")))
+        lse_hi, lse_lo = lse_parts(tl.load(Lse + g * n_q + offs_m, mask=offs_m < n_q, other=float("-inf")))
         delta = tl.load(Delta + g * n_q + offs_m, mask=offs_m < n_q, other=0.0)
         s = dot(q, tl.trans(k), DOT) * scale
         s = tl.where(_permitted(offs_m, offs_n, n_k, kpm_row, causal), s, float("-inf"))
-        p = tl.exp(s - lse[:, None])  # (BLOCK_M, BLOCK_N)
+        p = tl.exp((s - lse_hi[:, None]) - lse_lo[:, None])  # (BLOCK_M, BLOCK_N)
         dv += dot_hi_lo(tl.trans(p), do, DOT)
         ds = p * (dot(do, tl.trans(v), DOT) - delta[:, None])
         dk += dot_hi_lo(tl.trans(ds), q, DOT)
@@ -124,7 +127,7 @@ def _bwd_dq_kernel(
     kpm_row = KPM + (g // n_heads) * n_k
     q = load_tile(Q + g * stride_qg, offs_m, n_q, offs_d, head_dim, stride_qn)
     do = load_tile(DO + g * stride_og, offs_m, n_q, offs_d, head_dim_v, stride_on)
-    lse = lse_for_probs(tl.load(Lse + g * n_q + offs_m, mask=offs_m < n_q, other=float("-inf")))
+    lse_hi, lse_lo = lse_parts(tl.load(Lse + g * n_q + offs_m, mask=offs_m < n_q, other=float("-inf")))
     delta = tl.load(Delta + g * n_q + offs_m, mask=offs_m < n_q, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -137,7 +140,7 @@ def _bwd_dq_kernel(
         v = load_tile(V + g * stride_vg, offs_n, n_k, offs_d, head_dim_v, stride_vn)
         s = dot(q, tl.trans(k), DOT) * scale
         s = tl.where(_permitted(offs_m, offs_n, n_k, kpm_row, causal), s, float("-inf"))
-        p = tl.exp(s - lse[:, None])
+        p = tl.exp((s - lse_hi[:, None]) - lse_lo[:, None])
         ds = p * (dot(do, tl.trans(v), DOT) - delta[:, None])
         dq += dot_hi_lo(ds, k, DOT)
     store_tile(DQ + g * stride_qg, dq * scale, offs_m, n_q, offs_d, head_dim, stride_qn)
@@ -190,10 +193,10 @@ def _constexprs(q: Tensor, v: Tensor, interpreted: bool) -> dict:
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor, n_heads: int, causal: bool) -> tuple[Tensor, Tensor]:
-    """q: (G, Nq, D), k: (G, Nk, D), v: (G, Nk, Dv), kpm: (B, Nk) int8 -> out (G, Nq, Dv), lse (G, Nq) fp32."""
+    """q: (G, Nq, D), k: (G, Nk, D), v: (G, Nk, Dv), kpm: (B, Nk) int8 -> out (G, Nq, Dv), lse (G, Nq) float64."""
     g, n_q, _ = q.shape
     out = q.new_empty(g, n_q, v.shape[2], dtype=storage_dtype(q.dtype, _FWD.interpreted))
-    lse = torch.empty(g, n_q, device=q.device, dtype=torch.float32)
+    lse = torch.empty(g, n_q, device=q.device, dtype=torch.float64)
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), g)  # noqa: E731
     _FWD.run(q.dtype, grid, q, k, v, kpm, out, lse, *_common_args(q, k, v, out, n_heads, causal),
              **_constexprs(q, v, _FWD.interpreted))
@@ -204,7 +207,7 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor, out: Tensor, lse: Te
               n_heads: int, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of the loss w.r.t. q, k, v given dO: (G, Nq, Dv) and the forward's out and lse."""
     g, n_q, _ = q.shape
-    do = do.contiguous()
+    do, lse = do.contiguous(), lse.double().contiguous()  # the kernels split the float64 lse (lse_parts)
     delta = (out.float() * do.float()).sum(-1)  # (G, Nq): rowsum(dO * O)
     grad_dtype = storage_dtype(q.dtype, _BWD_DQ.interpreted)
     dq, dk, dv = (torch.empty_like(x, dtype=grad_dtype) for x in (q, k, v))
@@ -261,5 +264,5 @@ def full_attention_triton(
 def aot_specs() -> list[AotSpec]:
     """Every configuration the launchers can run (``causal`` is a runtime argument)."""
     types = {"Q": "*{dt}", "K": "*{dt}", "V": "*{dt}", "DO": "*{dt}", "Out": "*{dt}", "DQ": "*{dt}", "DK": "*{dt}",
-             "DV": "*{dt}", "KPM": "*i8", "Lse": "*fp32", "Delta": "*fp32", "scale": "fp32"}
+             "DV": "*{dt}", "KPM": "*i8", "Lse": "*fp64", "Delta": "*fp32", "scale": "fp32"}
     return [spec for launcher in (_FWD, _BWD_DKDV, _BWD_DQ) for spec in launcher.aot_specs(types)]

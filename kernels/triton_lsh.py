@@ -28,16 +28,23 @@ Limits:
 - dtypes: float32, float16, bfloat16. Logits, softmax and accumulators are float32; float32
   uses 3xTF32 dots, float16/bfloat16 tensor-core dots with float32 intermediates split into a
   head and a tail (about float32 accuracy). A score gradient is divided by a key norm (which
-  may be as small as KEY_EPS) only inside an exact power-of-two rescaling (``pow2_split``), so
-  nothing leaves the float16 range.
+  may be as small as KEY_EPS) only inside an exact power-of-two rescaling of the key tile
+  (:func:`_scaled_keys`), so nothing leaves the float16 range.
+- range: any finite input. Key rows are scaled by the exact power of two of their largest entry
+  before the norm is taken and before they enter a dot (:func:`_scaled_keys`), so the norm
+  cannot overflow (a plain float32 sum of squares does above ~1.8e19) and a huge-norm query
+  against a huge-norm key cannot overflow the dot; the round's lse is float64 in the forward merge and
+  the combined lse is split into float32 ``hi + lo`` in the backward, so huge logits (1e7 and
+  beyond, where float32 rounds ``log(sum)`` away) keep their probabilities exact.
 - head dims 16..128 (any value, padded to a power of two with masks).
 - bucket_size: any positive int (a runtime argument; blocks may span several chunks).
 - offsets: the group index is int64; one group must hold fewer than 2**31 elements (checked).
 - CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (how the tests run it).
 
 Design: forward, one program per (query block, group) streams the keys its rows may see
-through an online softmax. Keys are normalised in the kernel and the normalisation is applied
-to the logits as a per-key float32 scale, so no rounded normalised key enters a matmul.
+through an online softmax. Keys are normalised in the kernel: the raw key tile is scaled by an
+exact power of two per key and the rest of ``1 / ||key||`` (a factor <= 1) is applied to the
+logits as a per-key float32 scale, so no rounded normalised key enters a matmul.
 Backward (flash-attention-2 style, no atomics): a query-centric kernel adds each row's
 query-use gradient, then a key-centric kernel adds each row's key-use gradient (chained
 through the normalisation) and dv.
@@ -50,10 +57,10 @@ mode, see :func:`model_bytes`):
 - forward_round: queries ``G*N*D*E`` + keys and values ``2 * G*Np/BLOCK_M * K * D*E`` (re-read
   per query block; mostly from L2) + order/bkt/pos ``12 * G*N`` + accumulators read and
   written ``2 * G*N*(D * 4 + 2 * 8)`` (out float32, top and total float64).
-- backward_round: the dq kernel reads q, dO (``2 G*N*D*E``), lse/delta/order/pos/bkt
-  (``20 G*N``), streams keys and values as the forward does and reads+writes dqk
+- backward_round: the dq kernel reads q, dO (``2 G*N*D*E``), lse (float64)/delta/order/pos/bkt
+  (``24 G*N``), streams keys and values as the forward does and reads+writes dqk
   (``2 G*N*D*4``); the dk/dv kernel reads its keys and values (``2 G*N*D*E``), streams
-  queries, dO, lse, delta (``G*Np/BLOCK_N * K * (2 D*E + 8)``) and reads+writes dqk and dv
+  queries, dO, lse, delta (``G*Np/BLOCK_N * K * (2 D*E + 12)``) and reads+writes dqk and dv
   (``4 G*N*D*4``).
 """
 from __future__ import annotations
@@ -72,7 +79,6 @@ from .triton_tiles import (
     finish_softmax,
     lse_for_probs,
     online_softmax_step,
-    pow2_split,
     program_id64,
 )
 
@@ -81,16 +87,47 @@ CAUSAL_MODES = {"chunk": 0, "bucket": 1}
 
 
 @triton.jit
-def _norm(x):
-    """Per-row L2 norm (float32) of a raw key tile."""
+def _scaled_keys(x):
+    """Normalised keys ``x / max(||x||_2, KEY_EPS)`` of a raw key tile as ``xs * c``, for any
+    finite rows (norm 0 .. 3e38) without overflow or underflow.
+
+    ``xs = x * 2**-e`` with ``2**e`` the power of two of the row's largest entry: exact in x's
+    dtype (barring, in float16, entries more than 2**14 below the largest), its largest entry in
+    [1, 2), so its sum of squares cannot overflow (a plain float32 sum of squares does for norms
+    above ~1.8e19) and the norm is not lost to underflow; products with ``xs`` cannot overflow
+    where products with the raw row could (a huge query against a huge key: ``q . x ~ ||x||^2``).
+    ``c = 1 / max(||xs||, KEY_EPS * 2**-e) <= 1`` per row (float32). Returns ``(xs, c, inv,
+    clamped)``: ``inv = c * 2**-e = 1 / max(||x||, KEY_EPS)`` and ``clamped = ||x|| <= KEY_EPS``.
+    """
     xf = x.to(tl.float32)
-    return tl.sqrt(tl.sum(xf * xf, 1))
+    big = tl.max(tl.abs(xf), 1)
+    field = (big.to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased exponent (0 for 0 and subnormals)
+    pw = ((254 - tl.minimum(field, 253)) << 23).to(tl.float32, bitcast=True)  # 2**-e, exact
+    xs = xf * pw[:, None]
+    norm_s = tl.sqrt(tl.sum(xs * xs, 1))  # ||x|| * 2**-e
+    eps_s = _KEY_EPS * pw  # KEY_EPS * 2**-e, exact
+    c = 1.0 / tl.maximum(norm_s, eps_s)
+    return xs.to(x.dtype), c, c * pw, norm_s <= eps_s
 
 
 @triton.jit
-def _inv_norm(x):
-    """Per-row 1 / max(||x||_2, KEY_EPS): keys are x * _inv_norm(x)."""
-    return 1.0 / tl.maximum(_norm(x), _KEY_EPS)
+def lse64(m_i, l_i):
+    """Log-sum-exp ``m_i + log(l_i)`` of an online softmax in float64 (-inf where ``l_i`` is 0):
+    in float32 a huge max logit (1e7) would round the ``log(l_i)`` digits away."""
+    has_key = l_i > 0.0
+    return tl.where(has_key, m_i.to(tl.float64) + tl.log(tl.where(has_key, l_i, 1.0)).to(tl.float64),
+                    float("-inf"))
+
+
+@triton.jit
+def lse_parts(lse):
+    """A float64 log-sum-exp per row as float32 ``(hi, lo)``, ``hi + lo = lse``, for
+    ``p = exp((s - hi) - lo)``: no digit of a huge lse is lost (float32 alone rounds an lse of
+    1e7 to a whole number). Rows without keys (lse -inf) get hi = +inf and lo = 0, so p = 0."""
+    hi = lse.to(tl.float32)
+    finite = (hi > float("-inf")) & (hi < float("inf"))
+    lo = tl.where(finite, (lse - tl.where(finite, hi, 0.0).to(tl.float64)).to(tl.float32), 0.0)
+    return lse_for_probs(hi), lo
 
 
 @triton.jit
@@ -115,16 +152,18 @@ def _add_rows(base, value, rows, valid, cols, n_cols, stride_row):
 
 
 @triton.jit
-def _logits(q, x_k, inv_k, slot_q, slot_k, pos_q, pos_k, bkt_q, bkt_k, bucket_size, n_chunks, key_end, scale,
+def _logits(q, xs_k, c_k, slot_q, slot_k, pos_q, pos_k, bkt_q, bkt_k, bucket_size, n_chunks, key_end, scale,
             causal, mode, DOT: tl.constexpr):
-    """Masked logits (queries x keys) of raw queries ``q`` against keys ``x_k * inv_k``.
+    """Masked logits (queries x keys) of raw queries ``q`` against keys ``xs_k * c_k`` (the
+    normalised keys as :func:`_scaled_keys` gives them: the factor ``c_k`` is a float32 scale
+    on the logits, so no rounded normalised key enters the dot).
 
     Keys at or past ``key_end`` (the end of the segment being streamed) are not permitted, nor
     the query's own slot, nor padding (pos -1). Chunk mode (``mode`` 0): the key's chunk is the
     query's or the one before (wrap-around) and, when causal, ``pos_k <= pos_q``. Bucket mode
     (1): same bucket and ``slot_q - bucket_size < slot_k < slot_q``.
     """
-    s = dot(q, tl.trans(x_k), DOT) * (inv_k * scale)[None, :]
+    s = dot(q, tl.trans(xs_k), DOT) * (c_k * scale)[None, :]
     sq, sk = slot_q[:, None], slot_k[None, :]
     ok = (sk < key_end) & (sq != sk) & (pos_q[:, None] >= 0) & (pos_k[None, :] >= 0)
     chunk_q, chunk_k = sq // bucket_size, sk // bucket_size
@@ -205,18 +244,19 @@ def _lsh_fwd_kernel(
             v = _load_rows(v_g, row_k, in_k, offs_d, head_dim, head_dim)
             pos_k = tl.load(pos_g + row_k, mask=in_k, other=-1)
             bkt_k = tl.load(bkt_g + slot_k, mask=in_k, other=-1)
-            s = _logits(q, x_k, _inv_norm(x_k), slot_q, slot_k, pos_q, pos_k, bkt_q, bkt_k, bucket_size, n_chunks,
+            xs_k, c_k, _, _ = _scaled_keys(x_k)
+            s = _logits(q, xs_k, c_k, slot_q, slot_k, pos_q, pos_k, bkt_q, bkt_k, bucket_size, n_chunks,
                         hi, scale, causal, mode, DOT)
             m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, s, v, DOT)
-    out, lse = finish_softmax(m_i, l_i, acc)
+    out, _ = finish_softmax(m_i, l_i, acc)
+    lse = lse64(m_i, l_i)  # float64: the merge weights below keep every digit of a huge lse
 
     # merge (top and total in float64, as the Function keeps them): top' = max(top, lse);
     # out' = out e^(top - top') + o e^(lse - top'); total' = total e^(top - top') + e^(lse - top')
     top = tl.load(Top + g * n_rows + row_q, mask=in_q, other=float("-inf"))
-    lse64 = lse.to(top.dtype)
-    new_top = tl.maximum(top, lse64)
+    new_top = tl.maximum(top, lse)
     base = tl.where(new_top == float("-inf"), 0.0, new_top)
-    w_old, w_new = tl.exp(top - base), tl.exp(lse64 - base)
+    w_old, w_new = tl.exp(top - base), tl.exp(lse - base)
     total = tl.load(Total + g * n_rows + row_q, mask=in_q, other=0.0)
     tl.store(Top + g * n_rows + row_q, new_top, mask=in_q)
     tl.store(Total + g * n_rows + row_q, total * w_old + w_new, mask=in_q)
@@ -228,12 +268,12 @@ def _lsh_fwd_kernel(
 
 
 @triton.jit
-def _tile_grads(q, x_k, inv_k, slot_q, slot_k, pos_q, pos_k, bkt_q, bkt_k, do, v_k, lse, delta, bucket_size, n_chunks,
-                key_end, scale, causal, mode, DOT: tl.constexpr):
-    """Probabilities p and logit gradients ds of one tile."""
-    s = _logits(q, x_k, inv_k, slot_q, slot_k, pos_q, pos_k, bkt_q, bkt_k, bucket_size, n_chunks, key_end, scale,
+def _tile_grads(q, xs_k, c_k, slot_q, slot_k, pos_q, pos_k, bkt_q, bkt_k, do, v_k, lse_hi, lse_lo, delta,
+                bucket_size, n_chunks, key_end, scale, causal, mode, DOT: tl.constexpr):
+    """Probabilities p and logit gradients ds of one tile (``lse_hi``, ``lse_lo``: :func:`lse_parts`)."""
+    s = _logits(q, xs_k, c_k, slot_q, slot_k, pos_q, pos_k, bkt_q, bkt_k, bucket_size, n_chunks, key_end, scale,
                 causal, mode, DOT)
-    p = tl.exp(s - lse_for_probs(lse)[:, None])
+    p = tl.exp((s - lse_hi[:, None]) - lse_lo[:, None])
     ds = p * (dot(do, tl.trans(v_k), DOT) - delta[:, None])
     return p, ds
 
@@ -259,7 +299,7 @@ def _lsh_bwd_dq_kernel(
     do = _load_rows(DO + g * stride_g, row_q, in_q, offs_d, head_dim, head_dim)
     pos_q = tl.load(pos_g + row_q, mask=in_q, other=-1)
     bkt_q = tl.load(bkt_g + slot_q, mask=in_q, other=-1)
-    lse = tl.load(Lse + g * n_rows + row_q, mask=in_q, other=float("-inf"))
+    lse_hi, lse_lo = lse_parts(tl.load(Lse + g * n_rows + row_q, mask=in_q, other=float("-inf")))
     delta = tl.load(Delta + g * n_rows + row_q, mask=in_q, other=0.0)
     last_q = tl.minimum(start_m + BLOCK_M, n_slots) - 1
 
@@ -274,13 +314,12 @@ def _lsh_bwd_dq_kernel(
             v = _load_rows(v_g, row_k, in_k, offs_d, head_dim, head_dim)
             pos_k = tl.load(pos_g + row_k, mask=in_k, other=-1)
             bkt_k = tl.load(bkt_g + slot_k, mask=in_k, other=-1)
-            inv_k = _inv_norm(x_k)
-            _, ds = _tile_grads(q, x_k, inv_k, slot_q, slot_k, pos_q, pos_k, bkt_q, bkt_k, do, v, lse, delta,
-                                bucket_size, n_chunks, hi, scale, causal, mode, DOT)
-            # d logit / d q = scale * x_k * inv_k; inv_k reaches 1 / KEY_EPS, so ds * inv_k could
-            # overflow float16: scale the raw keys by an exact power of two instead
-            pw, c = pow2_split(inv_k)
-            dq += dot_hi_lo(ds * (c * scale)[None, :], (x_k.to(tl.float32) * pw[:, None]).to(x_k.dtype), DOT)
+            xs_k, c_k, _, _ = _scaled_keys(x_k)
+            _, ds = _tile_grads(q, xs_k, c_k, slot_q, slot_k, pos_q, pos_k, bkt_q, bkt_k, do, v, lse_hi, lse_lo,
+                                delta, bucket_size, n_chunks, hi, scale, causal, mode, DOT)
+            # d logit / d q = scale * xs_k * c_k: 1 / ||x_k|| reaches 1 / KEY_EPS, so ds / ||x_k|| could
+            # overflow float16; its power of two is in the exact xs_k, ds only gets c_k <= 1
+            dq += dot_hi_lo(ds * (c_k * scale)[None, :], xs_k, DOT)
     _add_rows(DQK + g * stride_g, dq, row_q, in_q, offs_d, head_dim, head_dim)
 
 
@@ -307,8 +346,7 @@ def _lsh_bwd_dkdv_kernel(
     v = _load_rows(V + g * stride_g, row_k, in_k, offs_d, head_dim, head_dim)
     pos_k = tl.load(pos_g + row_k, mask=in_k, other=-1)
     bkt_k = tl.load(bkt_g + slot_k, mask=in_k, other=-1)
-    norm = _norm(x_k)
-    inv_k = 1.0 / tl.maximum(norm, _KEY_EPS)
+    xs_k, c_k, inv_k, clamped = _scaled_keys(x_k)  # the raw tile is not needed any more
     last_k = tl.minimum(start_n + BLOCK_N, n_slots) - 1
 
     dkey = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)  # w.r.t. the normalised keys, before * scale
@@ -323,17 +361,17 @@ def _lsh_bwd_dkdv_kernel(
             do = _load_rows(do_g, row_q, in_q, offs_d, head_dim, head_dim)
             pos_q = tl.load(pos_g + row_q, mask=in_q, other=-1)  # -1: row outside the segment
             bkt_q = tl.load(bkt_g + slot_q, mask=in_q, other=-1)
-            lse = tl.load(Lse + g * n_rows + row_q, mask=in_q, other=float("-inf"))
+            lse_hi, lse_lo = lse_parts(tl.load(Lse + g * n_rows + row_q, mask=in_q, other=float("-inf")))
             delta = tl.load(Delta + g * n_rows + row_q, mask=in_q, other=0.0)
-            p, ds = _tile_grads(q, x_k, inv_k, slot_q, slot_k, pos_q, pos_k, bkt_q, bkt_k, do, v, lse, delta,
-                                bucket_size, n_chunks, n_slots, scale, causal, mode, DOT)
+            p, ds = _tile_grads(q, xs_k, c_k, slot_q, slot_k, pos_q, pos_k, bkt_q, bkt_k, do, v, lse_hi, lse_lo,
+                                delta, bucket_size, n_chunks, n_slots, scale, causal, mode, DOT)
             dv += dot_hi_lo(tl.trans(p), do, DOT)
             dkey += dot_hi_lo(tl.trans(ds), q, DOT)
 
     # chain through key = x / max(||x||, eps): dx = (dkey - key (key . dkey)) / ||x||, or dkey / eps
     dkey = dkey * scale
-    key = x_k.to(tl.float32) * inv_k[:, None]
-    radial = tl.where(norm > _KEY_EPS, tl.sum(key * dkey, 1), 0.0)
+    key = xs_k.to(tl.float32) * c_k[:, None]  # x_k * inv_k
+    radial = tl.where(clamped, 0.0, tl.sum(key * dkey, 1))
     dx = (dkey - key * radial[:, None]) * inv_k[:, None]
     _add_rows(DQK + g * stride_g, dx, row_k, in_k, offs_d, head_dim, head_dim)
     _add_rows(DV + g * stride_g, dv, row_k, in_k, offs_d, head_dim, head_dim)
@@ -360,9 +398,9 @@ def _configs(half: dict[int, KernelConfig], f32: dict[int, KernelConfig]) -> dic
 
 
 FWD_CONFIGS = _configs({16: _cfg(64, 64), 32: _cfg(64, 64), 64: _cfg(64, 32), 128: _cfg(32, 32)},
-                       {16: _cfg(32, 32, 8), 32: _cfg(32, 32), 64: _cfg(32, 32), 128: _cfg(16, 32)})
-DQ_CONFIGS = _configs({16: _cfg(64, 64), 32: _cfg(64, 32), 64: _cfg(32, 64), 128: _cfg(64, 32, 8)},
-                      {16: _cfg(32, 32), 32: _cfg(32, 32), 64: _cfg(32, 32), 128: _cfg(16, 32)})
+                       {16: _cfg(32, 32, 8), 32: _cfg(32, 16), 64: _cfg(32, 32), 128: _cfg(16, 32)})
+DQ_CONFIGS = _configs({16: _cfg(64, 64), 32: _cfg(64, 32), 64: _cfg(32, 64), 128: _cfg(32, 32, 8)},
+                      {16: _cfg(32, 32), 32: _cfg(32, 32), 64: _cfg(32, 32), 128: _cfg(16, 32, 8)})
 DKDV_CONFIGS = _configs({16: _cfg(32, 64, 8), 32: _cfg(32, 32, 8), 64: _cfg(32, 32, 8), 128: _cfg(32, 32, 8)},
                         {16: _cfg(32, 32), 32: _cfg(16, 32), 64: _cfg(16, 32), 128: _cfg(16, 16, 8, 1)})
 _TUNE_KEY = ("n_slots", "bucket_size", "BLOCK_D")
@@ -438,7 +476,8 @@ def backward_round(qk: Tensor, v: Tensor, pos: Tensor, order: Tensor, bkt: Tenso
     """Gradients of one round added in place into float32 dqk, dv (G, N, D) at unsorted rows.
 
     do: (G, N, D) (cast to qk's dtype); lse: (G, N) the COMBINED (all rounds) log-sum-exp
-    (float32 or float64; used in float32, like the logits); delta: (G, N) rowsum(dO * O) minus
+    (float32 or float64; passed as float64 and split in the kernels into float32 ``hi + lo``, so
+    ``p = exp((s - hi) - lo)`` keeps every digit of a huge lse); delta: (G, N) rowsum(dO * O) minus
     the lse's incoming gradient; both unsorted. ``p = exp(s - lse)``.
     """
     _check_round(qk, v, pos, bkt, bucket_size, causal, causal_mode, order)
@@ -446,7 +485,7 @@ def backward_round(qk: Tensor, v: Tensor, pos: Tensor, order: Tensor, bkt: Tenso
         _check_accumulator(name, x, tuple(qk.shape))
     qk, v, pos, order, bkt = (x.contiguous() for x in (qk, v, pos, order, bkt))
     do = do.to(qk.dtype).contiguous()
-    lse, delta = lse.float().contiguous(), delta.float().contiguous()
+    lse, delta = lse.double().contiguous(), delta.float().contiguous()
     args = (qk, v, pos, order, bkt, do, lse, delta, dqk)
     _launch(_BWD_DQ, "BLOCK_M", qk, bucket_size, causal, causal_mode, scale, *args)
     _launch(_BWD_DKDV, "BLOCK_N", qk, bucket_size, causal, causal_mode, scale, *args, dv)
@@ -463,8 +502,8 @@ def fwd(qk: Tensor, v: Tensor, pos: Tensor, bkt: Tensor, *, bucket_size: int, ca
 
     qk, v: (G, Np, D) sorted rows padded to Np (a multiple of bucket_size); pos: (G, Np) int32
     original positions, -1 = padding; bkt: (G, Np) int32 bucket of each slot.
-    Returns out (G, Np, D) in the input dtype and lse (G, Np) float32 (-inf where a row has no
-    permitted key; its out is 0).
+    Returns out (G, Np, D) in the input dtype and lse (G, Np) float64, as the torch sorted core
+    (every digit of a huge lse kept; -inf where a row has no permitted key; its out is 0).
     """
     _check_round(qk, v, pos, bkt, bucket_size, causal, causal_mode)
     out = torch.zeros(qk.shape, device=qk.device, dtype=torch.float32)
@@ -474,15 +513,15 @@ def fwd(qk: Tensor, v: Tensor, pos: Tensor, bkt: Tensor, *, bucket_size: int, ca
                   causal_mode=causal_mode, scale=scale)
     # one round merged into empty sums: total is 1 (or 0 without keys) and top its lse, exactly
     out = out.div_(total.masked_fill(total == 0, 1.0).unsqueeze(-1)).to(qk.dtype)
-    return out, top.add_(total.log()).float()
+    return out, top.add_(total.log())
 
 
 def bwd(qk: Tensor, v: Tensor, pos: Tensor, bkt: Tensor, do: Tensor, lse: Tensor, delta: Tensor, *,
         bucket_size: int, causal: bool, causal_mode: str, scale: float) -> tuple[Tensor, Tensor]:
     """Gradients of one round given the COMBINED (all rounds) lse and delta = rowsum(dO * O).
 
-    qk, v, do: (G, Np, D); pos, bkt: (G, Np) int32; lse, delta: (G, Np) float32 in this round's
-    order. p = exp(s - lse) (0 where lse = -inf). Returns dqk (through both the query and the
+    qk, v, do: (G, Np, D); pos, bkt: (G, Np) int32; lse (float32 or float64, used to full
+    precision), delta (float32): (G, Np) in this round's order. p = exp(s - lse) (0 where lse = -inf). Returns dqk (through both the query and the
     normalised-key use of qk) and dv, both (G, Np, D) float32.
     """
     _check_round(qk, v, pos, bkt, bucket_size, causal, causal_mode)
@@ -512,8 +551,8 @@ def model_bytes(groups: int, n: int, head_dim: int, *, bucket_size: int, element
     fwd = gn * row + groups * blocks * keys * (2 * row + 8) + 12 * gn + 2 * gn * (head_dim * 4 + 16)
     total = fwd
     if backward:
-        dq = 2 * gn * row + 20 * gn + groups * blocks * keys * (2 * row + 8) + 2 * gn * head_dim * 4
-        dkdv = 2 * gn * row + 12 * gn + groups * blocks * keys * (2 * row + 20) + 4 * gn * head_dim * 4
+        dq = 2 * gn * row + 24 * gn + groups * blocks * keys * (2 * row + 8) + 2 * gn * head_dim * 4
+        dkdv = 2 * gn * row + 12 * gn + groups * blocks * keys * (2 * row + 24) + 4 * gn * head_dim * 4
         total += dq + dkdv
     return n_hashes * total
 
@@ -522,6 +561,6 @@ def aot_specs() -> list[AotSpec]:
     """Every configuration the launchers can run (``causal``, ``mode`` and ``bucket_size`` are
     runtime arguments)."""
     types = {"QK": "*{dt}", "V": "*{dt}", "DO": "*{dt}", "Pos": "*i32", "Order": "*i32", "Bkt": "*i32",
-             "Out": "*fp32", "Top": "*fp64", "Total": "*fp64", "Lse": "*fp32", "Delta": "*fp32", "DQK": "*fp32",
+             "Out": "*fp32", "Top": "*fp64", "Total": "*fp64", "Lse": "*fp64", "Delta": "*fp32", "DQK": "*fp32",
              "DV": "*fp32", "scale": "fp32"}
     return [spec for launcher in (_FWD, _BWD_DQ, _BWD_DKDV) for spec in launcher.aot_specs(types)]

@@ -102,7 +102,7 @@ def _check_core(qk, v, do, pos, bkt, bucket_size, causal, mode="chunk"):
     scale = qk.shape[-1] ** -0.5
     kw = dict(bucket_size=bucket_size, causal=causal, causal_mode=mode, scale=scale)
     out, lse = triton_lsh.fwd(qk, v, pos, bkt, **kw)
-    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert out.dtype == dtype and lse.dtype == torch.float64
     q64, v64, do64 = qk.double(), v.double(), do.double()
     out_ref, lse_ref = _dense_fwd(q64, v64, pos, bkt, bucket_size, causal, mode, scale)
     assert (out.double() - out_ref).abs().max().item() <= OUT_TOL[dtype]
@@ -465,3 +465,101 @@ def test_round_level_core_equals_the_adapter_around_the_reference():
     for name, x, y in zip(("out", "lse", "dqk", "dv"), *res):
         assert torch.equal(torch.isfinite(x), torch.isfinite(y)), name
         assert (x[torch.isfinite(x)] - y[torch.isfinite(y)]).abs().max().item() <= FP32_TOL, name
+
+
+# ------------------------------------------------------------- huge logits and extreme key norms
+def _sign_pattern_rows(b, h, n, d, n_patterns, magnitude, seed=0):
+    """Rows ``magnitude * p`` for sign vectors p drawn from ``n_patterns`` patterns: with D = 16 the
+    key norm is ``4 * magnitude`` and the normalised keys are +-1/4, so every logit
+    ``q . k / 4 = magnitude * (1 - hamming(p_q, p_k) / 8)`` is exact in float32 in both backends;
+    equal patterns tie (the softmax spreads over them) and any other pattern is 2**20 below
+    (probability 0) for ``magnitude = 2**23``."""
+    gen = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (n_patterns, d), generator=gen).float() * 2 - 1
+    return signs[torch.randint(0, n_patterns, (b, h, n), generator=gen)] * magnitude
+
+
+@pytest.mark.parametrize("core", CORES)
+@pytest.mark.parametrize("causal,mode", [(False, "chunk"), (True, "chunk"), (True, "bucket")])
+def test_huge_logits_match_torch_backend(core, causal, mode):
+    """Logits of 2**23 (~8e6, where float32 has no fractional digit left): a round's lse
+    ``2**23 + log(count)`` must keep its digits (float64) in the merge of the rounds, and the
+    backward must use the combined lse to full precision (float32 would round ``log(count)``
+    away and scale the probabilities by up to e**0.5)."""
+    b, h, n, d = 1, 2, 40, 16
+    qk = _sign_pattern_rows(b, h, n, d, 4, 2.0**23)
+    _, v, do, _ = _lsh_inputs(b, h, n, d, torch.float32, pad=False)
+    kw = dict(bucket_size=8, n_hashes=3, causal=causal, causal_mode=mode, n_buckets=4)
+    got = _lsh_run(qk, v, do, None, core, **kw)
+    want = _lsh_run(qk, v, do, None, "torch", **kw)
+    for name, x, y in zip(("out", "dqk", "dv"), got, want):
+        assert torch.isfinite(x).all(), name
+        assert (x - y).abs().max().item() <= FP32_TOL, name
+
+
+def test_core_backward_uses_a_float64_lse_to_full_precision():
+    """The sorted core's backward given a combined float64 lse ``2**23 + fraction`` (ties at
+    logit 2**23): p = exp(s - lse) must keep the fraction (a float32 lse drops it)."""
+    g, n_pad, d, bucket_size = 2, 32, 16, 8
+    qk = _sign_pattern_rows(1, g, n_pad, d, 3, 2.0**23, seed=3)[0]
+    _, v, do, pos, bkt = _round_inputs(g, n_pad, d, n_pad, n_buckets=1)
+    scale = d**-0.5
+    kw = dict(bucket_size=bucket_size, causal=True, causal_mode="chunk", scale=scale)
+    q64, v64, do64 = qk.double(), v.double(), do.double()
+    _, lse_ref = _dense_fwd(q64, v64, pos, bkt, bucket_size, True, "chunk", scale)
+    _, delta = _backward_seeds(lse_ref)
+    gen = torch.Generator().manual_seed(2)
+    lse_all = lse_ref + torch.rand(lse_ref.shape, generator=gen, dtype=torch.float64)  # other rounds' mass
+    assert (lse_all > 2.0**23).sum() > n_pad  # most rows: a tie at 2**23 plus a fraction
+    dqk, dv = triton_lsh.bwd(qk, v, pos, bkt, do, lse_all, delta.float(), **kw)
+    dqk_ref, dv_ref = _dense_bwd(q64, v64, pos, bkt, do64, lse_all, delta, bucket_size, True, "chunk", scale)
+    for got, want in ((dqk, dqk_ref), (dv, dv_ref)):
+        _assert_rows_close(got, want, FP32_TOL)
+
+
+def _quantised(x):
+    """Multiples of 1/8: dot products of such rows are exact in float32 (and the values exact in
+    float16/bfloat16), so a one-hot softmax row has a score gradient of exactly 0 in both backends."""
+    return (x * 8).round() / 8
+
+
+# (dtype, huge row norm): float32 and bfloat16 rows past ~1.8e19 overflow a plain float32 sum of
+# squares; float16 cannot hold such rows (rows of norm 6e4, entries up to its largest, instead). Near-zero rows
+# (norm clamped to KEY_EPS) and an all-zero row in every dtype.
+EXTREME_NORMS = [(torch.float32, 4e19, 1e-30), (torch.bfloat16, 4e19, 1e-30), (torch.float16, 6e4, 1e-7)]
+
+
+@pytest.mark.parametrize("core", CORES)
+@pytest.mark.parametrize("dtype,huge,tiny", EXTREME_NORMS)
+@pytest.mark.parametrize("causal,mode", [(False, "chunk"), (True, "bucket")])
+def test_near_zero_and_huge_norm_keys_match_torch_backend(core, dtype, huge, tiny, causal, mode):
+    """Rows with norms from 0 and ``tiny`` to ``huge`` next to ordinary rows: the key norm must not
+    overflow (huge-norm keys normalise to unit keys, as in the torch reference) and a huge query
+    against a huge key must not overflow the logit's dot product; outputs and gradients equal
+    the torch backend's (per row, relative to the row's size)."""
+    b, h, n, d = 1, 2, 40, 16
+    qk, v, do, _ = _lsh_inputs(b, h, n, d, torch.float32, pad=False)
+    v, do = _quantised(v), _quantised(do)
+    # head 0: huge rows; head 1: near-zero rows (a huge query against a clamped key is
+    # ill-conditioned: the key's gradient ~ |q| / KEY_EPS times a float32 cancellation)
+    for head, row, norm in ((0, 3, huge), (0, 4, huge), (0, 9, huge), (0, 17, huge), (0, 30, huge), (1, 10, tiny),
+                            (1, 22, tiny), (1, 23, 0.0)):
+        qk[:, head, row] *= norm / qk[:, head, row].norm(dim=-1, keepdim=True)
+    qk, v, do = qk.to(dtype), v.to(dtype), do.to(dtype)
+    assert torch.isfinite(qk).all()
+    kw = dict(bucket_size=8, n_hashes=2, causal=causal, causal_mode=mode, n_buckets=4)
+    got = _lsh_run(qk, v, do, None, core, **kw)
+    want = _lsh_run(qk, v, do, None, "torch", **kw)
+    ref = _lsh_run(qk, v, do, None, "torch", torch.float64, **kw)  # the same (rounded) inputs in float64
+    for name, x, y, r in zip(("out", "dqk", "dv"), got, want, ref):
+        # float16 only: the gradient of a row clamped to KEY_EPS (dk / KEY_EPS, ~5e5 here) is
+        # past the float16 range in both backends (inf at the same entries)
+        finite = torch.isfinite(y)
+        assert finite.all() or (dtype == torch.float16 and name == "dqk"), name
+        assert torch.equal(torch.isfinite(x), finite), name
+        x, y, r = (t.double().masked_fill(~finite, 0.0).reshape(-1, d) for t in (x, y, r))
+        # per row: the Triton error at most twice the torch backend's own error (the gradient
+        # of a clamped key is dk / KEY_EPS: a float32 cancellation in dk, amplified 1e6 times)
+        torch_err = (y - r).abs().amax(-1)
+        bound = 2 * torch_err + LOW_PRECISION_FLOOR * r.abs().amax(-1).clamp_min(1.0)
+        assert ((x - r).abs().amax(-1) <= bound).all(), name
