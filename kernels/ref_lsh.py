@@ -297,7 +297,7 @@ def _backward_slabs(qk: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tenso
 
 def _add_rows(acc: Tensor, rows: Tensor, vals: Tensor) -> None:
     """``acc[rows] += vals`` for distinct ``rows`` of a ``(R, D)`` accumulator."""
-    acc.index_copy_(0, rows, acc.index_select(0, rows).add_(vals.to(acc.dtype)))
+    acc.index_add_(0, rows, vals.to(acc.dtype))
 
 
 # --- round-level core (unsorted rows read through the order) -------------------------------------
