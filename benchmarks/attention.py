@@ -45,10 +45,13 @@ OLD_NAMES = {"full-triton": "full_attention[triton]", "lsh-torch": "lsh[torch]",
              "reformer-pytorch": "reformer_pytorch", "hf-reformer": "hf_reformer"}
 
 # Calibrated on this suite's own measurements (CPU, float32), rounded up so that skipping errs
-# on the safe side: naive fwd+bwd peaks at ~3.1 score matrices, LSH at a few (N, 2*bs) score
-# blocks per round plus O(N * D) per round for sort indices and gathered rows.
+# on the safe side: naive fwd+bwd peaks at ~3.1 score matrices; the peers keep a few (N, 2*bs)
+# score blocks per round plus O(N * D) per round for sort indices and gathered rows.
 _NAIVE_SCORE_COPIES = 3.5
 _LINEAR_COPIES = 12
+# lsh-torch: the rows a call must hold (see _lsh_bytes) plus a working set that does not grow with
+# N (the slabs of ref_lsh, the hashing buffer, thread-pool and allocator overheads).
+_LSH_WORKSPACE_BYTES = 96 * 2**20
 
 
 def _dtype(params: dict) -> torch.dtype:
@@ -116,16 +119,42 @@ def _linear_bytes(params: dict) -> float:
 
 
 def _lsh_bytes(params: dict) -> float:
-    """Per row of ``(B*H*N)``: about ``6 * D`` for outputs, gradients and gathered rows plus three
-    ``2 * bucket_size`` chunk-score rows of the round being computed (rounds run one after another);
-    measured peaks are about 0.7x this."""
+    """Peak extra bytes of one LSH forward+backward call (``reformer.kernels`` on CPU), modelled
+    per row of ``B*H*N`` plus a constant:
+
+    - ``D`` values for each of: the output, the gradient of the output (created inside the call
+      when nothing created it before, as in a single-call measurement), and the two input
+      gradients in the accumulation dtype (float32 for half inputs, which add their returned
+      half copies);
+    - ``8 * n_hashes`` bytes of saved sort orders and bucket ids (int32) and 29 bytes of
+      positions, the float64 lse, delta and flags;
+    - ``_LSH_WORKSPACE_BYTES``: everything else, which does not grow with N (the core runs in
+      slabs of a fixed size).
+
+    At N = 1M (B=1, H=8, D=64, float32, n_hashes 4) that is about 8.6 GiB; inputs and their
+    ``.grad`` buffers (``base_bytes``) come on top."""
+    rows = params["batch"] * params["heads"] * params["seq_len"]
+    elt = torch.tensor([], dtype=_dtype(params)).element_size()
+    acc = max(4, elt)
+    per_row = params["head_dim"] * (2 * elt + 2 * acc + (2 * elt if elt < acc else 0)) + 8 * params["n_hashes"] + 29
+    return rows * per_row + _LSH_WORKSPACE_BYTES
+
+
+def _chunk_score_bytes(params: dict) -> float:
+    """Per row of ``(B*H*N)`` and round: ``6 * D`` for gathered rows and gradients plus three
+    ``2 * bucket_size`` chunk-score rows."""
     rows = params["batch"] * params["heads"] * params["seq_len"]
     return rows * (6 * params["head_dim"] + 3 * 2 * params["bucket_size"]) * _elt(params)
 
 
 def _peer_bytes(params: dict) -> float:
     """The peers keep every round's chunk scores (and their softmax) for backward."""
-    return _linear_bytes(params) + params["n_hashes"] * _lsh_bytes(params)
+    return _linear_bytes(params) + params["n_hashes"] * _chunk_score_bytes(params)
+
+
+def _input_bytes(count: int) -> Callable[[dict], float]:
+    """Baseline of a provider with ``count`` ``(B, H, N, D)`` inputs: the inputs and their ``.grad``."""
+    return lambda params: 2 * count * _bhnd(params) * torch.tensor([], dtype=_dtype(params)).element_size()
 
 
 def _tensors(params: dict, device: torch.device, count: int) -> list[Tensor]:
@@ -194,19 +223,21 @@ def _build_hf_reformer(params: dict, device: torch.device) -> Workload:
 # gflops: rough CPU forward+backward rate, only for the run-time estimate printed before a run
 PROVIDERS: dict[str, Provider] = {
     "naive": Provider("naive", _build_naive, _naive_bytes, full_flops, requires("reformer.kernels:full_attention"),
-                      gflops=45),
-    "sdpa": Provider("sdpa", _build_sdpa, _linear_bytes, full_flops, gflops=150),
+                      gflops=45, base_bytes=_input_bytes(3)),
+    "sdpa": Provider("sdpa", _build_sdpa, _linear_bytes, full_flops, gflops=150, base_bytes=_input_bytes(3)),
     "full-triton": Provider("full-triton", _build_full_triton, _linear_bytes, full_flops,
-                            requires("triton", "reformer.kernels.triton_full"), needs_cuda=True),
+                            requires("triton", "reformer.kernels.triton_full"), needs_cuda=True,
+                            base_bytes=_input_bytes(3)),
     "lsh-torch": Provider("lsh-torch", _lsh_builder("torch"), _lsh_bytes, lsh_flops,
-                          requires("reformer.kernels:lsh_attention"), gflops=55),
+                          requires("reformer.kernels:lsh_attention"), gflops=55, base_bytes=_input_bytes(2)),
     "lsh-triton": Provider("lsh-triton", _lsh_builder("triton"), _lsh_bytes, lsh_flops,
                            requires("triton", "reformer.kernels:lsh_attention", "reformer.kernels.triton_lsh"),
-                           needs_cuda=True),
+                           needs_cuda=True, base_bytes=_input_bytes(2)),
     "reformer-pytorch": Provider("reformer-pytorch", _build_reformer_pytorch, _peer_bytes, lsh_flops,
-                                 requires("reformer_pytorch:LSHAttention"), gflops=3),
+                                 requires("reformer_pytorch:LSHAttention"), gflops=3, base_bytes=_input_bytes(2)),
     "hf-reformer": Provider("hf-reformer", _build_hf_reformer, _peer_bytes, lsh_flops,
-                            requires("transformers.models.reformer.modeling_reformer:LSHSelfAttention"), gflops=10),
+                            requires("transformers.models.reformer.modeling_reformer:LSHSelfAttention"), gflops=10,
+                            base_bytes=_input_bytes(1)),
 }
 
 

@@ -30,6 +30,8 @@ class Provider:
     needs_cuda: Triton backends; reported as skipped on CPU.
     gflops: a rough forward+backward rate on a 2-core CPU, only used to estimate run times
         before anything has been measured (the plan printed before a run).
+    base_bytes(params): memory the worker holds before the measured call (inputs and their
+        ``.grad`` buffers); a case is skipped when ``est_bytes + base_bytes`` exceeds the limit.
     """
 
     name: str
@@ -39,6 +41,7 @@ class Provider:
     missing: Callable[[], Optional[str]] = lambda: None
     needs_cuda: bool = False
     gflops: float = 30.0
+    base_bytes: Callable[[dict], float] = lambda params: 0.0
 
 
 @dataclass(frozen=True)

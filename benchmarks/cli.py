@@ -69,7 +69,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repeats", type=int, help="timed calls per median (fewer for slow cases)")
     g.add_argument("--timeout", type=float, help="seconds per case before it is stopped")
     g.add_argument("--max-call-s", type=float, help="skip cases whose predicted fwd+bwd call exceeds this")
-    g.add_argument("--max-mem-gib", type=float, help="skip cases estimated above this (default: 85%% of free memory)")
+    g.add_argument("--max-mem-gib", type=float,
+                   help="skip cases whose estimated peak plus inputs exceeds this (default: 85%% of available memory)")
     g.add_argument("--threads", type=int, help="torch threads in each worker (default: torch's default)")
     g.add_argument("--no-plots", action="store_true", help="write no PNG plots (matplotlib not needed)")
     g.add_argument("--plan-only", action="store_true", help="print the plan and its estimated duration, run nothing")

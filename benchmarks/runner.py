@@ -5,8 +5,9 @@ A case is not run, and gets a record saying why, when:
 
 - its provider's code is not importable: ``unavailable``;
 - it is a Triton backend and the device is not CUDA: ``skipped (needs CUDA)``;
-- its estimated peak memory (``Provider.est_bytes``) exceeds the memory limit:
-  ``skipped (est. X GiB > limit Y GiB)``;
+- its estimated peak memory (``Provider.est_bytes``) plus what the worker holds before the call
+  (``Provider.base_bytes``: inputs and their gradients) exceeds the memory limit:
+  ``skipped (est. X GiB + Z GiB inputs > limit Y GiB)``;
 - the forward+backward time predicted from the last measured case of the same series (scaled
   by the provider's FLOP formula) exceeds ``max_call_s``, or a shorter case of the same series
   already timed out or was skipped for time: ``skipped (est. X s per call ...)``.
@@ -108,9 +109,11 @@ def preflight(case: Case, provider: Provider, opts: RunOptions, history: _Series
         return make_record(case, "unavailable", reason)
     if provider.needs_cuda and opts.device != "cuda":
         return make_record(case, "skipped", "needs CUDA")
-    est = provider.est_bytes(case.params)
-    if est > opts.mem_limit_bytes:
-        return make_record(case, "skipped", f"est. {est / GIB:.1f} GiB > limit {opts.mem_limit_bytes / GIB:.1f} GiB",
+    est, base = provider.est_bytes(case.params), provider.base_bytes(case.params)
+    if est + base > opts.mem_limit_bytes:
+        inputs = f" + {base / GIB:.1f} GiB inputs" if base else ""
+        return make_record(case, "skipped",
+                           f"est. {est / GIB:.1f} GiB{inputs} > limit {opts.mem_limit_bytes / GIB:.1f} GiB",
                            est_mem_mib=est / 2**20)
     max_call_s = opts.max_call_s_by_provider.get(case.provider, opts.max_call_s)
     if case.series in history.too_slow:

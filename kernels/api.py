@@ -33,7 +33,7 @@ from .hashing import (
     rotation_width,
 )
 from .limits import TRITON_DTYPES, TRITON_HEAD_DIMS, triton_supports  # noqa: F401  (re-exported)
-from .lsh_function import CAUSAL_MODES, LSHCore, SortedCoreAdapter, lsh_attention_rounds
+from .lsh_function import CAUSAL_MODES, LSHCore, lsh_attention_rounds
 from .ref_full import full_attention_torch
 
 
@@ -256,12 +256,13 @@ def _lsh_hasher(backend: str, qk: Tensor) -> Optional[Callable[..., Tensor]]:
 
 def _lsh_core(backend: str) -> LSHCore:
     """The round-level core (:class:`~reformer.kernels.lsh_function.LSHCore`) for a resolved
-    backend: ``triton_lsh`` itself (its kernels gather rows through the sort order and merge
-    rounds in place), or the generic adapter around the torch reference's sorted core."""
+    backend: ``triton_lsh`` or ``ref_lsh`` itself (both read each slab's rows through the sort
+    order and merge rounds in place; ``SortedCoreAdapter`` stays the generic adapter for a core
+    that only works on sorted rows)."""
     if backend == "triton":
         from . import triton_lsh
 
         return triton_lsh
     from . import ref_lsh
 
-    return SortedCoreAdapter(ref_lsh)
+    return ref_lsh

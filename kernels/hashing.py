@@ -24,7 +24,7 @@ from torch import Tensor
 NBuckets = Union[int, tuple[int, int]]
 
 KEY_EPS = 1e-6  # keys are qk / max(||qk||_2, KEY_EPS)
-HASH_SLAB_BYTES = 32 * 2**20  # bound on the rotated-vector buffer while hashing
+HASH_SLAB_BYTES = 8 * 2**20  # bound on the rotated-vector buffer while hashing
 FACTORISE_ABOVE = 256  # default rule: plain hashing up to this many buckets, factorised beyond
 
 

@@ -8,21 +8,23 @@ Layers, from the outside in:
   :class:`LSHCore` (``forward_round``/``backward_round``), once per hash round, and applies the
   self rule outside the rounds (a non-padding row with no permitted key in any round gets its
   own value; docs/lsh.md, "The self rule").
+- Round-level cores: ``reformer.kernels.ref_lsh`` (the torch backend) and
+  ``reformer.kernels.triton_lsh`` implement :class:`LSHCore` directly: they read each slab's rows
+  through the round's sort order and merge (forward) or scatter-add (backward) the results into
+  the unsorted accumulators, so no sorted copy of a whole group ever exists.
 - :class:`SortedCoreAdapter`: implements :class:`LSHCore` for any *sorted core* (a module with
-  ``fwd``/``bwd`` on sorted, padded rows: ``reformer.kernels.ref_lsh`` or
-  ``reformer.kernels.triton_lsh``) by gathering a round's rows into sorted order, padding, calling
-  the core and merging/scattering the results back. The groups (batch x heads) are processed in
-  slabs of about ``GROUP_SLAB_BYTES`` of sorted rows, so the sorted copies never exceed a small
-  constant, whatever N.
+  ``fwd``/``bwd`` on sorted, padded rows, such as ``ref_lsh.fwd``/``ref_lsh.bwd``) by gathering a
+  round's rows into sorted order, padding, calling the core and merging/scattering the results
+  back, for slabs of groups of about ``GROUP_SLAB_BYTES`` of sorted rows (at least one group).
 
 Memory: the Function saves its inputs, the output, the combined lse and, per round, the sort
 order and the sorted bucket ids (int32); backward recomputes each round's logits (as
-flash-attention does).
+flash-attention does). Beyond those, its own passes use slabs of ``ROW_SLAB_BYTES``.
 """
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 import torch
 from torch import Tensor
@@ -31,7 +33,8 @@ from torch.autograd.function import once_differentiable
 from .hashing import compute_dtype, hash_buckets, padded_length, total_buckets
 
 SELF_ONLY_LSE = -1e5  # reported lse of a non-padding row with no permitted key in any round (gradient 0)
-GROUP_SLAB_BYTES = 64 * 2**20  # bound on one sorted (g, Np, D) copy in the adapter
+GROUP_SLAB_BYTES = 16 * 2**20  # bound on one sorted (g, Np, D) copy in the adapter (at least one group)
+ROW_SLAB_BYTES = 4 * 2**20  # bound on the temporaries of the Function's own row-wise passes
 CAUSAL_MODES = ("bucket", "chunk")
 NEG_INF = float("-inf")
 REBASE_ABOVE = 2.0**20  # |max lse| beyond which backward rebases on the max (see LSHAttentionFunction)
@@ -64,6 +67,20 @@ def _group_slabs(g: int, n_pad: int, d: int, itemsize: int) -> tuple[range, int]
     """Start indices and size of the group slabs holding about ``GROUP_SLAB_BYTES`` of rows each."""
     step = max(1, GROUP_SLAB_BYTES // max(1, n_pad * d * itemsize))
     return range(0, g, step), step
+
+
+def _row_slabs(g: int, n: int, row_bytes: int) -> Iterator[tuple[int, int, int, int]]:
+    """``(g0, g1, r0, r1)`` covering ``(g, n)`` rows in slabs of about ``ROW_SLAB_BYTES``: several
+    whole groups, or row ranges of one group."""
+    rows = max(1, ROW_SLAB_BYTES // max(1, row_bytes))
+    if n <= rows:
+        step = max(1, rows // n)
+        for g0 in range(0, g, step):
+            yield g0, min(g, g0 + step), 0, n
+        return
+    for g0 in range(g):
+        for r0 in range(0, n, rows):
+            yield g0, g0 + 1, r0, min(n, r0 + rows)
 
 
 def _gather(x: Tensor, flat_idx: Tensor, gs: int, n: int, n_pad: int, fill: float) -> Tensor:
@@ -190,13 +207,11 @@ class LSHAttentionFunction(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         delta = torch.empty(g, n, dtype=acc, device=qk.device)
-        starts, step = _group_slabs(g, n, d, 4)
-        for g0 in starts:  # rowsum(dO * O) in slabs (no full-size temporary)
-            sl = slice(g0, g0 + step)
-            delta[sl] = torch.linalg.vecdot(dout[sl].to(acc), out[sl].to(acc))
+        for g0, g1, r0, r1 in _row_slabs(g, n, d * 8):  # rowsum(dO * O) in slabs (no full-size temporary)
+            delta[g0:g1, r0:r1] = torch.linalg.vecdot(dout[g0:g1, r0:r1].to(acc), out[g0:g1, r0:r1].to(acc))
         if dlse is not None:
             delta.sub_(dlse.to(acc).masked_fill(self_only | (pos < 0), 0.0))
-        do_rounds = dout
+        do_rounds = dout.contiguous()  # the cores read rows of a flat view (an expanded dO is copied once)
         if factor is not None:  # see forward: p = exp(s - top) / total
             do_rounds = dout * factor.to(dout.dtype if dout.dtype == torch.float64 else acc).unsqueeze(-1)
             delta = delta * factor.to(acc)

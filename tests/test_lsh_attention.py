@@ -10,7 +10,7 @@ import torch
 
 import reformer.kernels
 from reformer.kernels import dense_shared_qk_attention, hashing, lsh_attention, lsh_buckets, ref_lsh
-from reformer.kernels.lsh_function import SortedCoreAdapter
+from reformer.kernels.lsh_function import SortedCoreAdapter, lsh_attention_rounds
 
 NEG_INF = float("-inf")
 
@@ -290,9 +290,10 @@ def test_lsh_buckets_bad_inputs_raise():
 
 def test_triton_backend_runs_the_triton_lsh_module_as_the_core(monkeypatch):
     """backend="triton" hands ``reformer.kernels.triton_lsh`` (here a stand-in that records its
-    calls and delegates to the reference) to the shared multi-round Function as its round-level core."""
+    calls and delegates to the torch backend's core) to the shared multi-round Function as its
+    round-level core."""
     calls = []
-    reference = SortedCoreAdapter(ref_lsh)
+    reference = reformer.kernels.api._lsh_core("torch")  # the torch backend's round-level core
     fake = types.ModuleType("reformer.kernels.triton_lsh")
     fake.forward_round = lambda *a, **k: calls.append("fwd") or reference.forward_round(*a, **k)
     fake.backward_round = lambda *a, **k: calls.append("bwd") or reference.backward_round(*a, **k)
@@ -304,3 +305,59 @@ def test_triton_backend_runs_the_triton_lsh_module_as_the_core(monkeypatch):
     out.sum().backward()
     assert calls == ["fwd"] * 3 + ["bwd"] * 3
     assert torch.equal(out, lsh_attention(qk, v, bucket_size=4, n_hashes=3, seed=0, backend="torch"))
+
+
+# ------------------------------------------------------------------ slabs of the torch core
+def _run_rounds(core, qk, v, mask, rotations, bucket_size, causal, causal_mode):
+    """out, lse and the gradients (qk, v) of ``lsh_attention_rounds`` with ``core``."""
+    x, y = (t.detach().requires_grad_() for t in (qk, v))
+    if mask is not None:
+        x, y = (t.detach().masked_fill(mask[:, None, :, None], 0.0).requires_grad_() for t in (x, y))
+    out, lse = lsh_attention_rounds(x, y, core=core, bucket_size=bucket_size, causal=causal, causal_mode=causal_mode,
+                                    key_padding_mask=mask, rotations=rotations, n_buckets=2 * rotations.shape[-1])
+    finite = torch.isfinite(lse)
+    g_out, g_lse = rand(*out.shape, seed=11), rand(*lse.shape, seed=12).masked_fill(~finite, 0.0)
+    return [out, lse, *torch.autograd.grad((out, lse), (x, y), (g_out, g_lse))]
+
+
+MODES = [(False, "chunk"), (True, "chunk"), (True, "bucket")]
+
+
+@pytest.mark.parametrize("causal,causal_mode", MODES)
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("n,bucket_size", [(100, 8), (9, 16), (37, 4), (64, 16)])
+@pytest.mark.parametrize("chunks_per_slab", [1, 3])
+def test_slab_size_does_not_change_results(causal, causal_mode, padded, n, bucket_size, chunks_per_slab,
+                                           monkeypatch):
+    """The torch core in slabs of one or three chunks (chunk ranges of one group, or several whole
+    groups when a group has no more chunks than that) equals one slab over all groups."""
+    qk, v = rand(2, 3, n, 8, seed=1), rand(2, 3, n, 8, seed=2)
+    mask = random_mask(2, n, seed=3) if padded else None
+    rotations = rand(3, 8, 3, max(1, -(-n // bucket_size)), dtype=torch.float32, seed=4)
+    args = (qk, v, mask, rotations, bucket_size, causal, causal_mode)
+    whole = _run_rounds(ref_lsh, *args)
+    monkeypatch.setattr(ref_lsh, "SLAB_LOGITS_BYTES", chunks_per_slab * bucket_size * 2 * bucket_size * 8)
+    slabbed = _run_rounds(ref_lsh, *args)
+    for name, got, want in zip(("out", "lse", "dqk", "dv"), slabbed, whole):
+        assert torch.equal(torch.isfinite(got), torch.isfinite(want)), name
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("causal,causal_mode", MODES)
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("group_slab_bytes", [None, 1], ids=["one-slab", "group-per-slab"])
+def test_round_level_torch_core_equals_the_sorted_core_adapter(causal, causal_mode, padded, group_slab_bytes,
+                                                               monkeypatch):
+    """``ref_lsh`` as a round-level core (rows read through the order) and the generic adapter
+    around its sorted core (whole groups gathered into sorted order) give the same results."""
+    if group_slab_bytes is not None:
+        monkeypatch.setattr("reformer.kernels.lsh_function.GROUP_SLAB_BYTES", group_slab_bytes)
+    n, bucket_size = 45, 4
+    qk, v = rand(2, 2, n, 8, seed=5), rand(2, 2, n, 8, seed=6)
+    mask = random_mask(2, n, seed=7) if padded else None
+    rotations = rand(2, 8, 2, 6, dtype=torch.float32, seed=8)
+    args = (qk, v, mask, rotations, bucket_size, causal, causal_mode)
+    for name, got, want in zip(("out", "lse", "dqk", "dv"), _run_rounds(ref_lsh, *args),
+                               _run_rounds(SortedCoreAdapter(ref_lsh), *args)):
+        assert torch.equal(torch.isfinite(got), torch.isfinite(want)), name
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0, msg=name)
