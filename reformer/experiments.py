@@ -288,8 +288,10 @@ def compare(argv: Optional[Sequence[str]] = None) -> str:
                 tic = time.perf_counter()
                 trainer = _finished(config) if opts.eval_only else run(config)
                 seconds = None if opts.eval_only else time.perf_counter() - tic
-                stats = evaluate(trainer.model, trainer.task, trainer.opts, DistContext())
-                l2r = evaluate_left_to_right(trainer, opts.l2r_batches) if opts.l2r_batches else {}
+                with torch.random.fork_rng(devices=[]):  # eval rotations from the run's seed: a rerun scores alike
+                    torch.manual_seed(opts.seed)
+                    stats = evaluate(trainer.model, trainer.task, trainer.opts, DistContext())
+                    l2r = evaluate_left_to_right(trainer, opts.l2r_batches) if opts.l2r_batches else {}
                 results.append({"task": task, "causal_mode": causal_mode, "n_buckets": format_n_buckets(n_buckets),
                                 "loss": stats["loss"], "bits_per_char": stats["loss"] / math.log(2),
                                 "acc": stats["acc"], **l2r, "l2r_batches": opts.l2r_batches, "seconds": seconds, "steps": config.steps,
