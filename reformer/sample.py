@@ -5,7 +5,7 @@ continuation decoded with ``errors="replace"``; other models take the prompt as
 whitespace-separated token ids and print ids. The whole sequence (prompt + continuation) is
 printed. Options: ``--max-new-tokens N``, ``--temperature T``, ``--top-k K``, ``--top-p P``,
 ``--seed S`` (a seeded ``torch.Generator``; LSH rotations come from the model's seed, or from
-the global RNG seeded with S when the model has none), ``--greedy``, ``--eos-token-id``.
+seed S + layer when the model has none), ``--greedy``, ``--eos-token-id``.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .lsh_attention import LSHSelfAttention
 from .model import ReformerLM
 
 
@@ -64,8 +65,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     generator = None
     if args.seed is not None:
         generator = torch.Generator(device=args.device).manual_seed(args.seed)
-        if model.config.seed is None:
-            torch.manual_seed(args.seed)  # the LSH rotations of this run; a command-line program owns its RNG
+        if model.config.seed is None:  # fix the LSH rotations as config.seed would: layer i gets seed + i
+            for layer, block in enumerate(model.layers.blocks):
+                if isinstance(block.f.fn, LSHSelfAttention):
+                    block.f.fn.seed = args.seed + layer
     prompt = torch.tensor([ids], dtype=torch.long, device=args.device)
     out = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, do_sample=not args.greedy, eos_token_id=args.eos_token_id,
