@@ -289,7 +289,7 @@ def compare(argv: Optional[Sequence[str]] = None) -> str:
                 trainer = _finished(config) if opts.eval_only else run(config)
                 seconds = None if opts.eval_only else time.perf_counter() - tic
                 with torch.random.fork_rng(devices=[]):  # eval rotations from the run's seed: a rerun scores alike
-                    torch.manual_seed(opts.seed)
+                    torch.set_rng_state(torch.Generator().manual_seed(opts.seed).get_state())
                     stats = evaluate(trainer.model, trainer.task, trainer.opts, DistContext())
                     l2r = evaluate_left_to_right(trainer, opts.l2r_batches) if opts.l2r_batches else {}
                 results.append({"task": task, "causal_mode": causal_mode, "n_buckets": format_n_buckets(n_buckets),
