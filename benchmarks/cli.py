@@ -324,7 +324,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       single_call=s.single_call, max_call_s_by_provider=dict(s.max_call_s_by_provider))
     preset = "long" if getattr(args, "long", False) else "quick" if args.quick else "full"
     meta = describe(args.device, args.dtype, args.quick, args.threads)
-    meta.update(preset=preset, allocator="exact-rss (one call per case)" if s.single_call else args.allocator,
+    if s.single_call:  # --long: the .grad buffers are allocated up front instead of by a warm-up call
+        meta["memory_method"] = meta["memory_method"].replace("after one warm-up call", "one call, .grad buffers "
+                                                              "allocated before it")
+    meta.update(preset=preset, allocator=args.allocator,
                 command=" ".join([_prog(), *(sys.argv[1:] if argv is None else argv)]))
     meta["settings"] = {"run": dataclasses.asdict(opts), **dataclasses.asdict(s)}
     patterns = getattr(args, "providers", None) or s.attention.providers or None

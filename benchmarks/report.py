@@ -6,8 +6,8 @@
       "schema_version": 1,
       "metadata": {"command", "date", "git_commit", "device", "device_name", "cpu", "threads",
                    "ram_gib", "python", "torch", "triton", "peers", "quick", "preset" ("quick" |
-                   "full" | "long"), "allocator" ("default" | "tuned" | "exact-rss (one call per
-                   case)"), "dtype", "memory_method", "settings": {...every option of the run...}},
+                   "full" | "long"), "allocator" ("default" | "tuned": glibc's mode while
+                   timing), "dtype", "memory_method", "settings": {...every option of the run...}},
       "records": [
         {"benchmark": "attention" | "model" | "quality",
          "provider": str,             # implementation, e.g. "sdpa", "lsh-torch", "reformer_lm"

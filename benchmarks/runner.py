@@ -44,7 +44,8 @@ class RunOptions:
     forward+backward call that is still run. timeout_s: per case. mem_limit_bytes: largest
     estimated peak that is still run. threads: torch threads in the workers (None = default).
     allocator: "default" (glibc as a user's process has it) or "tuned" (see ``harness``).
-    single_call: one call per case measures time and memory (``--long``).
+    single_call: one call per case for memory and one (after a warm-up when short) for time
+        (``--long``; ``harness``).
     max_call_s_by_provider: a tighter ``max_call_s`` for some providers (``--long``: the
     quadratic baselines)."""
 
@@ -89,8 +90,11 @@ def prior_call_s(case: Case, provider: Provider) -> float:
 
 def estimate_case_s(call_s: float, opts: RunOptions, time_forward: bool = True) -> float:
     """Wall time of one case whose forward+backward call takes ``call_s`` (see ``harness``)."""
-    if opts.single_call:
-        return STARTUP_S + call_s
+    if opts.single_call:  # memory: one call in the exact-RSS mode (up to ~2x slower); time: one call (+ a warm-up)
+        from .harness import SINGLE_CALL_WARMUP_S
+
+        timing = call_s * (2 if call_s < SINGLE_CALL_WARMUP_S else 1)
+        return (2 if opts.allocator == "default" else 1) * STARTUP_S + 2 * call_s + timing
     fwd = call_s / BWD_FLOPS_FACTOR if time_forward else 0.0
     n = max(1, min(opts.repeats, int(opts.budget_s / max(call_s, 1e-3))))
     slow = call_s >= opts.budget_s

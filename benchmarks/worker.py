@@ -5,7 +5,7 @@ that configuration, and a hung one is stopped by a timeout.
 ``run_case`` (parent side) starts ``python -m benchmarks.worker``, sends the case as JSON on
 stdin and reads one JSON result line back; ``main`` (child side) builds the workload and runs
 ``harness.measure``. With the default allocator a case takes two processes (memory, then
-time; see ``harness``), with ``tuned`` or ``single_call`` one. The worker has no memory limit
+time; see ``harness``), with ``tuned`` one. The worker has no memory limit
 of its own: cases estimated above the run's limit are skipped before they start.
 """
 from __future__ import annotations
@@ -55,12 +55,13 @@ def _run_phase(case: Case, spec: dict[str, Any], timeout_s: float) -> dict[str, 
 
 def run_case(case: Case, *, device: str, repeats: int, budget_s: float, timeout_s: float,
              threads: Optional[int] = None, allocator: str = "default", single_call: bool = False,
-             time_forward: bool = True) -> dict[str, Any]:
+             time_forward: bool = True, memory_only: bool = False) -> dict[str, Any]:
     """Runs one case in fresh processes; returns its record (``ok``, ``timeout`` or ``error``)
-    with ``allocator`` ("default", "tuned" or "exact-rss" for a single call) set."""
+    with ``allocator`` ("default" or "tuned": the glibc mode of the timing) set.
+    ``memory_only``: the memory phase alone (no time)."""
     spec = {"case": dataclasses.asdict(case), "device": device, "repeats": repeats, "budget_s": budget_s,
             "threads": threads, "allocator": allocator, "single_call": single_call, "time_forward": time_forward}
-    phases = ["memory", "time"] if allocator == "default" and not single_call else ["both"]
+    phases = ["memory"] if memory_only else ["memory", "time"] if allocator == "default" else ["both"]
     merged: dict[str, Any] = {}
     deadline = time.monotonic() + timeout_s
     for phase in phases:
@@ -71,7 +72,7 @@ def run_case(case: Case, *, device: str, repeats: int, budget_s: float, timeout_
             return make_record(case, result["status"], result["note"])
         merged.update({k: v for k, v in result.items() if v is not None or k not in merged})
     merged.pop("status"), merged.pop("note")
-    return make_record(case, "ok", "", allocator="exact-rss" if single_call else allocator, **merged)
+    return make_record(case, "ok", "", allocator=allocator, **merged)
 
 
 def main() -> None:

@@ -251,6 +251,39 @@ def test_naive_attention_peak_covers_its_score_matrix():
     assert measure(Workload(lambda: x.view(2, 2)), torch.device("cpu"), 1, 0.1)["peak_mem_mib"] < 1
 
 
+
+def test_single_call_memory_in_exact_rss_mode_and_time_with_the_users_allocator(monkeypatch):
+    """The ``--long`` protocol: the memory call runs in the exact-RSS mode and reports no time;
+    the time call runs with glibc untouched (``allocator="default"``), after one warm-up call
+    when the first call is shorter than ``SINGLE_CALL_WARMUP_S``."""
+    from benchmarks import harness
+
+    calls, modes = [], []
+    x = torch.ones(4, requires_grad=True)
+    workload = Workload(lambda: (calls.append(1), (x * 2).sum())[1], leaves=[x])
+    monkeypatch.setattr(harness, "exact_rss_mode", lambda: modes.append("exact-rss"))
+    monkeypatch.setattr(harness, "caching_mode", lambda: modes.append("tuned"))
+    monkeypatch.setattr(harness, "peak_extra_bytes", lambda step, device: (step(), 3 * MIB)[1])
+    cpu = torch.device("cpu")
+    mem = measure(workload, cpu, 1, 0.0, phase="memory", allocator="default", single_call=True)
+    assert (mem["peak_mem_mib"], mem["time_fwdbwd_ms"], modes, len(calls)) == (3.0, None, ["exact-rss"], 1)
+    assert x.grad is not None  # allocated up front, as a warm-up would leave it
+    modes.clear(), calls.clear()
+    monkeypatch.setattr(harness, "SINGLE_CALL_WARMUP_S", 1e6)
+    timed = measure(workload, cpu, 1, 0.0, phase="time", allocator="default", single_call=True)
+    assert modes == [] and len(calls) == 2 and timed["peak_mem_mib"] is None
+    assert timed["warmup_ms"] > 0 and timed["time_fwdbwd_ms"] > 0
+    calls.clear()
+    monkeypatch.setattr(harness, "SINGLE_CALL_WARMUP_S", 0.0)
+    slow = measure(workload, cpu, 1, 0.0, phase="time", allocator="default", single_call=True)
+    assert len(calls) == 1 and slow["warmup_ms"] == 0.0  # a long first call is the measurement
+    calls.clear()
+    both = measure(workload, cpu, 1, 0.0, phase="both", allocator="tuned", single_call=True)
+    assert modes == ["exact-rss", "tuned"] and len(calls) == 2 and both["peak_mem_mib"] == 3.0
+    with pytest.raises(ValueError, match="process of its own"):
+        measure(workload, cpu, 1, 0.0, phase="both", allocator="default", single_call=True)
+
+
 # ----------------------------------------------------------------------------- outputs
 
 def test_crossover_statement_from_records():

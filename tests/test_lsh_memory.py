@@ -23,7 +23,8 @@ def _lsh_case(n: int, heads: int = 1) -> Case:
 
 
 def _peak_mib(case: Case) -> float:
-    record = run_case(case, device="cpu", repeats=1, budget_s=0.0, timeout_s=600.0, single_call=True)
+    record = run_case(case, device="cpu", repeats=1, budget_s=0.0, timeout_s=600.0, single_call=True,
+                      memory_only=True)
     assert record["status"] == "ok", record["note"]
     return record["peak_mem_mib"]
 
