@@ -24,7 +24,7 @@ full attention ``4 * B * H * N^2 * D`` (halved when causal); LSH attention
 ``4 * B * H * N * (2 * bucket_size) * D * n_hashes`` (each query scores the keys of its own
 chunk and of the chunk before it, in each round) plus hashing ``2 * B * H * N * D * W * n_hashes``
 with ``W`` the rotations per position of the default bucket rule (``n_buckets / 2`` up to 256
-buckets, ``n1/2 + n2/2`` for the factorised ``(n1, n2)`` beyond; see ``docs/lsh.md``).
+buckets, ``sum(n_i)/2`` for the factorised ``(n1, n2[, n3])`` beyond; see ``docs/lsh.md``).
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def full_flops(params: dict) -> float:
 
 def _rotation_width(n: int, bucket_size: int) -> int:
     """Rotations per position, head and round under the default bucket rule (plain hashing:
-    ``n_buckets / 2``; factorised ``(n1, n2)``: ``n1/2 + n2/2``)."""
+    ``n_buckets / 2``; factorised ``(n1, n2[, n3])``: ``sum(n_i)/2``)."""
     try:
         from reformer.kernels.hashing import default_n_buckets, rotation_width
     except ImportError:  # an older reformer.kernels: plain hashing with 2 * ceil(N / bucket_size) buckets

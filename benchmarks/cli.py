@@ -254,7 +254,7 @@ def shapes(benchmarks: Sequence[str], s: Settings) -> list[str]:
         "model": model_text,
         "quality": f"quality: B={q.batch} H={q.heads} N={q.seq_len} D={q.head_dim} bucket_size={list(q.bucket_sizes)} "
                    f"n_hashes={list(q.n_hashes)} seeds={q.seeds} top_k={q.top_k} | hashing: plain vs factorised "
-                   + ", ".join(f"{n} vs {a}x{b}" for n, (a, b) in quality.HASHING_PAIRS)
+                   + ", ".join(" vs ".join([str(n)] + ["x".join(map(str, f)) for f in fs]) for n, *fs in quality.HASHING_PAIRS)
                    + f" at bucket_size={max(q.bucket_sizes)} n_hashes={quality.HASHING_N_HASHES}",
     }
     return [text[b] for b in benchmarks]

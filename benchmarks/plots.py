@@ -102,7 +102,7 @@ def quality_plot(records: list[dict], path: Path, title: str) -> None:
     by_scheme = [r for r in records if r["params"].get("sweep") == "hashing"]
     rows = [(by_hashes, "n_hashes", lambda r: r["params"]["n_hashes"])] if by_hashes else []
     if by_scheme:
-        rows.append((by_scheme, "buckets (plain n vs factorised n1 x n2 = n)",
+        rows.append((by_scheme, "buckets (plain n vs factorised n1 x n2 [x n3] = n)",
                      lambda r: r["params"]["total_buckets"]))
     fig, axes = plt.subplots(len(rows), 2, figsize=(12, 4.8 * len(rows)), squeeze=False)
     for (sub, xlabel, x), row in zip(rows, axes):

@@ -11,9 +11,10 @@ Sweeps (``params["sweep"]``):
 - ``n_hashes``: every ``n_hashes`` and ``bucket_size`` of the preset, with the default bucket
   rule (``n_buckets=None``).
 - ``hashing``: at the preset's largest ``bucket_size`` and ``HASHING_N_HASHES`` rounds, plain
-  hashing into ``n`` buckets against factorised hashing into ``n1 x n2 = n`` buckets, for each
-  pair of ``HASHING_PAIRS`` (64 vs 8x8, 256 vs 16x16). Series ``"<input> plain"`` and
-  ``"<input> factorised"``; ``params["hashing"]`` is ``"plain 64"``, ``"factorised 8x8"``...
+  hashing into ``n`` buckets against factorised hashing into ``n1 x n2 = n`` (and
+  ``n1 x n2 x n3 = n``) buckets, for each entry of ``HASHING_PAIRS`` (64 vs 8x8, 256 vs 16x16,
+  512 vs 16x32 vs 8x8x8). Series ``"<input> plain"``, ``"<input> factorised"`` (two factors)
+  and ``"<input> factorised x3"``; ``params["hashing"]`` is ``"plain 64"``, ``"factorised 8x8"``...
 
 Metrics, averaged over heads, queries and seeds:
 
@@ -47,8 +48,8 @@ BENCHMARK = "quality"
 INPUTS = ("random", "clustered")
 CLUSTER_SIZE = 16
 SWEEPS = ("n_hashes", "hashing")
-# the hashing sweep: (plain bucket count, factorised (n1, n2) with n1 * n2 equal to it)
-HASHING_PAIRS: tuple[tuple[int, tuple[int, int]], ...] = ((64, (8, 8)), (256, (16, 16)))
+# the hashing sweep: (plain bucket count, one or more factorisations (n1, n2[, n3]) whose product equals it)
+HASHING_PAIRS: tuple[tuple, ...] = ((64, (8, 8)), (256, (16, 16)), (512, (16, 32), (8, 8, 8)))
 HASHING_N_HASHES = 2
 missing = requires("reformer.kernels:lsh_attention")
 
@@ -106,7 +107,7 @@ def compare(qk: Tensor, v: Tensor, top_k: int, **lsh_kwargs: Any) -> dict[str, f
 
 
 def hashing_label(n_buckets: Any) -> str:
-    """``"plain 64"`` for an int, ``"factorised 8x8"`` for a pair, ``"default"`` for None."""
+    """``"plain 64"`` for an int, ``"factorised 8x8"`` for factors, ``"default"`` for None."""
     if n_buckets is None:
         return "default"
     if isinstance(n_buckets, int):
@@ -114,20 +115,26 @@ def hashing_label(n_buckets: Any) -> str:
     return "factorised " + "x".join(str(n) for n in n_buckets)
 
 
-def _check_pairs(pairs: Iterable[tuple[int, tuple[int, int]]]) -> list[tuple[int, tuple[int, int]]]:
-    pairs = [(plain, tuple(factors)) for plain, factors in pairs]
-    for plain, factors in pairs:
-        if len(factors) != 2 or factors[0] * factors[1] != plain:
-            raise ValueError(f"hashing pairs must be (n, (n1, n2)) with n1 * n2 == n, got {(plain, factors)}")
-    return pairs
+def _check_pairs(pairs: Iterable[tuple]) -> list[tuple[int, list[tuple[int, ...]]]]:
+    """``(n, factors, ...)`` entries as ``(n, [factors, ...])``; every factorisation has 2 or 3
+    factors whose product is ``n``."""
+    checked = []
+    for plain, *factorisations in pairs:
+        factorisations = [tuple(f) for f in factorisations]
+        for factors in factorisations:
+            if len(factors) not in (2, 3) or math.prod(factors) != plain:
+                raise ValueError(f"hashing entries must be (n, (n1, n2[, n3]), ...) with a product of factors "
+                                 f"== n, got {(plain, factors)}")
+        checked.append((plain, factorisations))
+    return checked
 
 
 def plan(n_hashes: Iterable[int], bucket_sizes: Iterable[int], *, batch: int, heads: int, seq_len: int,
          head_dim: int, seeds: int, top_k: int,
-         hashing: Iterable[tuple[int, tuple[int, int]]] = HASHING_PAIRS,
+         hashing: Iterable[tuple] = HASHING_PAIRS,
          hashing_n_hashes: int = HASHING_N_HASHES) -> list[Case]:
     """The ``n_hashes`` sweep (every ``n_hashes`` x ``bucket_size``, default bucket rule) and the
-    ``hashing`` sweep (each pair of ``hashing``, plain then factorised, at ``max(bucket_sizes)``
+    ``hashing`` sweep (each entry of ``hashing``, plain then factorised, at ``max(bucket_sizes)``
     and ``hashing_n_hashes`` rounds; empty ``hashing``: no such sweep), for both inputs."""
     bucket_sizes, pairs = list(bucket_sizes), _check_pairs(hashing)
     base = dict(batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim, dtype="float32", seeds=seeds,
@@ -137,12 +144,14 @@ def plan(n_hashes: Iterable[int], bucket_sizes: Iterable[int], *, batch: int, he
                        hashing=hashing_label(None)))
              for kind in INPUTS for bs in bucket_sizes for h in n_hashes]
     for kind in INPUTS:
-        for plain, factors in pairs:
-            for scheme, n_buckets in (("plain", plain), ("factorised", list(factors))):
+        for plain, factorisations in pairs:
+            schemes = [("plain", plain)] + [("factorised" + ("" if len(f) == 2 else f" x{len(f)}"), list(f))
+                                            for f in factorisations]
+            for scheme, n_buckets in schemes:
                 cases.append(Case(BENCHMARK, "lsh-torch", f"{kind} {scheme}",
                                   dict(base, input=kind, bucket_size=max(bucket_sizes), n_hashes=hashing_n_hashes,
                                        sweep="hashing", n_buckets=n_buckets, total_buckets=plain,
-                                       hashing=hashing_label(plain if scheme == "plain" else factors))))
+                                       hashing=hashing_label(n_buckets if scheme != "plain" else plain))))
     return cases
 
 
@@ -153,7 +162,7 @@ def run(case: Case) -> dict[str, Any]:
         return make_record(case, "unavailable", reason)
     p = case.params
     shape = (p["batch"], p["heads"], p["seq_len"], p["head_dim"])
-    n_buckets = p.get("n_buckets")  # None (default rule), an int (plain) or [n1, n2] (factorised)
+    n_buckets = p.get("n_buckets")  # None (default rule), an int (plain) or [n1, n2(, n3)] (factorised)
     n_buckets = tuple(n_buckets) if isinstance(n_buckets, list) else n_buckets
     runs = []
     for seed in range(p["seeds"]):

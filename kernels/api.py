@@ -144,9 +144,9 @@ def lsh_attention(
         bucket_size: chunk length.
         n_hashes: number of hash rounds.
         n_buckets: None (the automatic rule :func:`default_n_buckets`: plain up to 256 buckets,
-            factorised beyond; or, with ``rotations``, plain with ``2 * rotations.shape[-1]``
-            buckets), an even int >= 2 (plain hashing) or a pair ``(n1, n2)`` of even ints >= 2
-            (factorised hashing, ``n1 * n2`` buckets).
+            two factors up to 4096, three beyond; or, with ``rotations``, plain with ``2 * rotations.shape[-1]``
+            buckets), an even int >= 2 (plain hashing) or a tuple of 2 or 3 even ints >= 2,
+            ``(n1, n2)`` or ``(n1, n2, n3)`` (factorised hashing, their product of buckets).
         causal: position i attends only to positions <= i (never to a later one).
         causal_mode: with ``causal=True``: ``"chunk"`` (default: the chunked look-back restricted
             to positions <= i; a later token's bucket can move an earlier position's chunk, so
@@ -157,7 +157,7 @@ def lsh_attention(
             (lse -inf), and whatever its qk and v hold (NaN and Inf included) cannot affect any
             other output or gradient (its gradients are 0).
         rotations: ``(H, D, n_hashes, W)`` random rotations, ``W = n_buckets/2`` (plain) or
-            ``n1/2 + n2/2`` (factorised: the n1 columns first).
+            ``sum(n_i)/2`` (factorised: the n1 columns first, then n2, n3).
         seed: without ``rotations``, draw them from a CPU generator seeded with ``seed``;
             with neither, from the global RNG of qk's device.
         backend: ``"torch"``, ``"triton"`` or ``"auto"`` (Triton for CUDA tensors when the call
@@ -229,12 +229,13 @@ def lsh_buckets(qk: Tensor, *, n_buckets: NBuckets, n_hashes: int, rotations: Te
 
     Plain (``n_buckets`` an even int >= 2): ``argmax([x R ; -x R])`` with
     ``R = rotations[h, :, r]`` of width ``n_buckets/2`` (ties go to the lowest index).
-    Factorised (``n_buckets = (n1, n2)``, each even >= 2): ``R = [R1 | R2]`` of widths ``n1/2``
-    and ``n2/2``, ``b_i = argmax([x R_i ; -x R_i])`` and bucket ``b1 * n2 + b2``.
+    Factorised (``n_buckets = (n1, n2)`` or ``(n1, n2, n3)``, each even >= 2): ``R = [R1 | R2 | R3]``
+    of widths ``n_i/2``, ``b_i = argmax([x R_i ; -x R_i])`` and bucket ``b1 * n2 + b2``
+    (``(b1 * n2 + b2) * n3 + b3``).
 
     qk: ``(B, H, N, D)``; rotations: ``(H, D, n_hashes, W)`` with ``W = n_buckets/2`` or
-    ``n1/2 + n2/2``. Returns a LongTensor ``(B, H, n_hashes, N)`` with values in
-    ``[0, n_buckets)`` (``[0, n1 * n2)``). Computed in float32 for float16/bfloat16 inputs.
+    ``sum(n_i)/2``. Returns a LongTensor ``(B, H, n_hashes, N)`` with values in
+    ``[0, n_buckets)`` (``[0, n1 * n2 [* n3])``). Computed in float32 for float16/bfloat16 inputs.
     """
     check_tensor("qk", qk, 4, "(B, H, N, D)")
     n_hashes = check_positive_int("n_hashes", n_hashes)

@@ -120,9 +120,9 @@ def check_lsh_inputs(qk: Tensor, v: Tensor) -> None:
 def check_rotations(rotations: object, heads: int, dim: int, n_hashes: int, qk: Tensor,
                     width: Optional[int] = None) -> Tensor:
     """``rotations`` is a floating ``(H, D, n_hashes, W)`` tensor on ``qk``'s device, with
-    ``W = width`` when given (``n_buckets/2`` plain, ``n1/2 + n2/2`` factorised), any ``W >= 1``
+    ``W = width`` when given (``n_buckets/2`` plain, ``sum(n_i)/2`` factorised), any ``W >= 1``
     otherwise."""
-    layout = "(H, D, n_hashes, W) with W = n_buckets/2 (plain) or n1/2 + n2/2 (factorised)"
+    layout = "(H, D, n_hashes, W) with W = n_buckets/2 (plain) or sum(n_i)/2 (factorised)"
     if not isinstance(rotations, Tensor):
         raise TypeError(f"rotations must be a tensor of shape {layout}, got {type(rotations).__name__}")
     if not rotations.is_floating_point():

@@ -5,13 +5,13 @@ Gaussian rotations ``R``:
 
 - plain, ``n_buckets = n`` (even >= 2): ``R`` is ``(D, n/2)`` and
   ``bucket = argmax([x R ; -x R])`` (ties go to the lowest index);
-- factorised, ``n_buckets = (n1, n2)`` (each even >= 2, ``n1 * n2`` buckets): ``R = [R1 | R2]``
-  with ``R1`` ``(D, n1/2)`` and ``R2`` ``(D, n2/2)``, ``b_i = argmax([x R_i ; -x R_i])`` and
-  ``bucket = b1 * n2 + b2``. Hashing costs ``O(D (n1 + n2) / 2)`` per position and round
-  instead of ``O(D n1 n2 / 2)``.
+- factorised, ``n_buckets = (n1, n2)`` or ``(n1, n2, n3)`` (each even >= 2, ``n1 * n2 [* n3]``
+  buckets): ``R = [R1 | R2 | R3]`` with ``R_i`` ``(D, n_i/2)``, ``b_i = argmax([x R_i ; -x R_i])``
+  and ``bucket = b1 * n2 + b2`` (``(b1 * n2 + b2) * n3 + b3`` for three factors). Hashing costs
+  ``O(D (n1 + n2 [+ n3]) / 2)`` per position and round instead of ``O(D n1 n2 [n3] / 2)``.
 
 Rotations for all heads and rounds are one tensor ``(H, D, n_hashes, W)`` with ``W = n/2``
-(plain) or ``W = n1/2 + n2/2`` (factorised, ``R1`` first).
+(plain) or ``W = sum(n_i) / 2`` (factorised, ``R1`` first).
 """
 from __future__ import annotations
 
@@ -21,11 +21,13 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-NBuckets = Union[int, tuple[int, int]]
+NBuckets = Union[int, tuple[int, ...]]  # plain: an int; factorised: 2 or 3 factors
 
 KEY_EPS = 1e-6  # keys are qk / max(||qk||_2, KEY_EPS)
 HASH_SLAB_BYTES = 8 * 2**20  # bound on the rotated-vector buffer while hashing
-FACTORISE_ABOVE = 256  # default rule: plain hashing up to this many buckets, factorised beyond
+FACTORISE_ABOVE = 256  # default rule: plain hashing up to this many buckets, factorised beyond ...
+THREE_FACTORS_ABOVE = 4096  # ... into two factors up to this many, into three beyond
+MAX_FACTORS = 3
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -47,43 +49,55 @@ def _check_count(name: str, value: object) -> int:
 
 
 def check_n_buckets(n_buckets: object) -> NBuckets:
-    """``n_buckets`` is an even int >= 2 (plain hashing) or a pair ``(n1, n2)`` of even ints >= 2
+    """``n_buckets`` is an even int >= 2 (plain hashing) or a tuple/list of 2 or 3 even ints >= 2
     (factorised hashing). Returns an int or a tuple; a non-int count is a ``TypeError``, a bad
     value a ``ValueError``."""
     if isinstance(n_buckets, (tuple, list)):
-        if len(n_buckets) != 2:
-            raise ValueError(f"a factorised n_buckets must be a pair (n1, n2), got {n_buckets!r}")
-        return (_check_count("n_buckets[0]", n_buckets[0]), _check_count("n_buckets[1]", n_buckets[1]))
+        if not 2 <= len(n_buckets) <= MAX_FACTORS:
+            raise ValueError(f"a factorised n_buckets must have 2 or 3 factors, (n1, n2) or (n1, n2, n3), "
+                             f"got {n_buckets!r}")
+        return tuple(_check_count(f"n_buckets[{i}]", f) for i, f in enumerate(n_buckets))
     if not isinstance(n_buckets, int) or isinstance(n_buckets, bool):
-        raise TypeError(f"n_buckets must be None, an even int >= 2 or a pair (n1, n2), got {n_buckets!r}")
+        raise TypeError(f"n_buckets must be None, an even int >= 2 or a tuple of 2 or 3 even ints, got {n_buckets!r}")
     return _check_count("n_buckets", n_buckets)
 
 
 def total_buckets(n_buckets: NBuckets) -> int:
-    """Number of distinct bucket ids: ``n`` or ``n1 * n2``."""
-    return n_buckets[0] * n_buckets[1] if isinstance(n_buckets, tuple) else n_buckets
+    """Number of distinct bucket ids: ``n`` or the product of the factors."""
+    return math.prod(n_buckets) if isinstance(n_buckets, tuple) else n_buckets
 
 
 def rotation_width(n_buckets: NBuckets) -> int:
-    """Last dim of the rotations: ``n/2`` (plain) or ``n1/2 + n2/2`` (factorised)."""
-    return (n_buckets[0] + n_buckets[1]) // 2 if isinstance(n_buckets, tuple) else n_buckets // 2
+    """Last dim of the rotations: ``n/2`` (plain) or ``sum(n_i)/2`` (factorised)."""
+    return sum(n_buckets) // 2 if isinstance(n_buckets, tuple) else n_buckets // 2
 
 
 def default_n_buckets(n: int, bucket_size: int) -> NBuckets:
     """The automatic bucket count for sequence length ``n`` (docs/lsh.md, "The default rule").
 
     ``m = 2 * ceil(n / bucket_size)`` buckets (about half a chunk per bucket, as in the paper).
-    Up to ``FACTORISE_ABOVE`` (256) buckets this is plain hashing with ``m`` buckets; beyond,
-    factorised ``(n1, n2)`` with ``n1 = 2 * ceil(sqrt(m) / 2)`` and ``n2 = 2 * ceil(m / (2 n1))``
-    (both even, ``n1 * n2 >= m``, ``n1 <= n2`` and close to ``sqrt(m)``), which keeps hashing at
-    ``O(D sqrt(m))`` per position.
+    Up to ``FACTORISE_ABOVE`` (256) buckets this is plain hashing with ``m`` buckets; up to
+    ``THREE_FACTORS_ABOVE`` (4096), two factors ``(n1, n2)`` with ``n1 = 2 * ceil(sqrt(m) / 2)``
+    and ``n2 = 2 * ceil(m / (2 n1))``; beyond, three factors ``(n1, n2, n3)`` with
+    ``n1 = 2 * ceil(cbrt(m) / 2)`` and ``(n2, n3)`` the two-factor rule for ``ceil(m / n1)``.
+    Every factor is even, their product is at least ``m`` and each is close to ``sqrt(m)``
+    (``cbrt(m)``), so hashing costs ``O(D sqrt(m))`` per position with two factors and
+    ``O(D cbrt(m))`` with three.
     """
     m = 2 * max(1, -(-n // bucket_size))
     if m <= FACTORISE_ABOVE:
         return m
+    if m <= THREE_FACTORS_ABOVE:
+        return _two_factors(m)
+    root = round(m ** (1 / 3))
+    cbrt = root if root**3 == m else m ** (1 / 3)
+    n1 = 2 * math.ceil(cbrt / 2)
+    return (n1, *_two_factors(-(-m // n1)))
+
+
+def _two_factors(m: int) -> tuple[int, int]:
     n1 = 2 * math.ceil(math.sqrt(m) / 2)
-    n2 = 2 * math.ceil(m / (2 * n1))
-    return (n1, n2)
+    return n1, 2 * math.ceil(m / (2 * n1))
 
 
 def make_rotations(heads: int, dim: int, n_hashes: int, n_buckets: NBuckets, *, seed: Optional[int],
@@ -114,7 +128,7 @@ def hash_buckets(qk: Tensor, rotations: Tensor, n_buckets: Optional[NBuckets] = 
     """Bucket ids for every head and round.
 
     qk: ``(B, H, N, D)``; rotations: ``(H, D, n_hashes, W)``; n_buckets: an int (plain, ``W = n/2``),
-    a pair (factorised, ``W = n1/2 + n2/2``) or None (plain with ``2 W`` buckets). Returns
+    a tuple of 2 or 3 factors (factorised, ``W = sum(n_i)/2``) or None (plain with ``2 W`` buckets). Returns
     ``(B, H, n_hashes, N)`` of ``dtype`` with values in ``[0, total_buckets)``. Computed in float32
     for float16/bfloat16 inputs; positions are processed in slabs (one batched matmul each) so
     the rotated vectors never take more than about ``HASH_SLAB_BYTES``.
@@ -132,9 +146,12 @@ def hash_buckets(qk: Tensor, rotations: Tensor, n_buckets: Optional[NBuckets] = 
         rotated = torch.einsum("bhnd,hdk->bhnk", x, rot).view(b, h, -1, n_hashes, width)
         if factors is None:
             ids = _signed_argmax(rotated)
-        else:
-            half1 = factors[0] // 2
-            ids = _signed_argmax(rotated[..., :half1]) * factors[1] + _signed_argmax(rotated[..., half1:])
+        else:  # mixed radix: ((b1 * n2) + b2) * n3 + b3
+            ids, col = None, 0
+            for f in factors:
+                b_i = _signed_argmax(rotated[..., col:col + f // 2])
+                ids = b_i if ids is None else ids.mul_(f).add_(b_i)
+                col += f // 2
         buckets[..., start:start + step] = ids.transpose(-1, -2)
     return buckets
 

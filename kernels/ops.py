@@ -7,8 +7,8 @@ ops they are single opaque graph nodes with fake (meta) implementations for shap
 and registered autograd formulas:
 
 - ``reformer::lsh_attention(qk, v, rotations, key_padding_mask, n_buckets, bucket_size, causal,
-  causal_mode, backend) -> (out, lse)`` (``n_buckets``: ``[n]`` plain or ``[n1, n2]``
-  factorised)
+  causal_mode, backend) -> (out, lse)`` (``n_buckets``: ``[n]`` plain or ``[n1, n2]`` /
+  ``[n1, n2, n3]`` factorised)
 - ``reformer::full_attention(q, k, v, key_padding_mask, causal, backend) -> out``
 - ``reformer::seeded_rotations(seed, heads, dim, n_hashes, width, device) -> rotations``: the
   rotations ``make_rotations(..., seed=seed)`` draws from a seeded CPU generator (a generator
@@ -76,12 +76,12 @@ def _lsh_call(qk: Tensor, v: Tensor, rotations: Tensor, key_padding_mask: Option
                          rotations=rotations, backend=backend, return_lse=True)
 
 
-def _n_buckets(n_buckets: list[int]) -> Union[int, tuple[int, int]]:
-    """``[n]`` -> n (plain hashing), ``[n1, n2]`` -> (n1, n2) (factorised)."""
+def _n_buckets(n_buckets: list[int]) -> Union[int, tuple[int, ...]]:
+    """``[n]`` -> n (plain hashing), ``[n1, n2(, n3)]`` -> (n1, n2(, n3)) (factorised)."""
     return n_buckets[0] if len(n_buckets) == 1 else tuple(n_buckets)
 
 
-def n_buckets_arg(n_buckets: Union[int, tuple[int, int], list[int]]) -> list[int]:
+def n_buckets_arg(n_buckets: Union[int, tuple[int, ...], list[int]]) -> list[int]:
     """The op argument for an ``n_buckets`` of ``lsh_attention``."""
     return [n_buckets] if isinstance(n_buckets, int) else list(n_buckets)
 

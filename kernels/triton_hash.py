@@ -2,8 +2,9 @@
 
 Same contract as ``reformer.kernels.hashing.hash_buckets`` (docs/lsh.md, "Hashing"):
 plain hashing ``argmax([x R ; -x R])`` (ties to the lowest index) with ``R = rotations[h, :, r]``
-of width ``n_buckets / 2``, or factorised hashing ``(n1, n2)``: ``R = [R1 | R2]`` of widths
-``n1/2`` and ``n2/2``, ``b_i = argmax([x R_i ; -x R_i])``, bucket ``b1 * n2 + b2``.
+of width ``n_buckets / 2``, or factorised hashing ``(n1, n2)`` / ``(n1, n2, n3)``:
+``R = [R1 | R2 | R3]`` of widths ``n_i/2``, ``b_i = argmax([x R_i ; -x R_i])``, bucket
+``b1 * n2 + b2`` (``(b1 * n2 + b2) * n3 + b3``).
 
 One program per (block of positions, batch x head) computes ``x R`` for every round on the fly
 (float32 dots, ``ieee`` precision, as the torch path's float32 einsum) and keeps only the
@@ -45,8 +46,8 @@ def _signed_argmax(rot, cols, lo, hi):
 @triton.jit
 def _hash_kernel(
     QK, Rot, Out,
-    n, n_heads, head_dim, n_hashes, width, half1, n2,
-    FACTORISED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
+    n, n_heads, head_dim, n_hashes, width, end1, end2, n2, n3,
+    N_FACTORS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """Out[b, h, r, i] for positions i of one block of one (b, h) and every round r."""
     start = tl.program_id(0) * BLOCK_N
@@ -62,10 +63,12 @@ def _hash_kernel(
         rot_ptrs = Rot + ((h * head_dim + dims[:, None]) * n_hashes + r) * width + cols[None, :]
         rot_t = tl.load(rot_ptrs, mask=(dims[:, None] < head_dim) & (cols[None, :] < width), other=0.0)
         rotated = tl.dot(x, rot_t, input_precision="ieee")  # (BLOCK_N, BLOCK_W) float32
-        if FACTORISED:
-            ids = _signed_argmax(rotated, cols, 0, half1) * n2 + _signed_argmax(rotated, cols, half1, width)
-        else:
-            ids = _signed_argmax(rotated, cols, 0, width)
+        # factor i owns columns [end_{i-1}, end_i) (end_0 = 0, the last factor ends at width)
+        ids = _signed_argmax(rotated, cols, 0, end1)
+        if N_FACTORS >= 2:
+            ids = ids * n2 + _signed_argmax(rotated, cols, end1, end2)
+        if N_FACTORS >= 3:
+            ids = ids * n3 + _signed_argmax(rotated, cols, end2, width)
         tl.store(Out + (g * n_hashes + r) * n + rows, ids.to(tl.int32), mask=rows < n)
 
 
@@ -74,12 +77,12 @@ _LAUNCHER = Launcher(_hash_kernel, {dt: (KernelConfig({"BLOCK_N": 64}, num_warps
                      ("n", "width", "BLOCK_D"), KernelConfig({"BLOCK_N": 32}))
 
 
-def hash_buckets(qk: Tensor, rotations: Tensor, n_buckets: Optional[Union[int, tuple[int, int]]] = None, *,
+def hash_buckets(qk: Tensor, rotations: Tensor, n_buckets: Optional[Union[int, tuple[int, ...]]] = None, *,
                  dtype: torch.dtype = torch.int64) -> Tensor:
     """Bucket ids ``(B, H, n_hashes, N)`` of ``dtype`` in one launch (see the module docstring).
 
     qk: ``(B, H, N, D)``; rotations: ``(H, D, n_hashes, W)``; n_buckets: int (plain, ``W = n/2``),
-    pair (factorised, ``W = n1/2 + n2/2``) or None (plain with ``2 W`` buckets).
+    tuple of 2 or 3 factors (factorised, ``W = sum(n_i)/2``) or None (plain with ``2 W`` buckets).
     """
     check_kernel_dtype("qk", qk.dtype)
     b, h, n, d = qk.shape
@@ -89,8 +92,9 @@ def hash_buckets(qk: Tensor, rotations: Tensor, n_buckets: Optional[Union[int, t
     n_hashes, width = rotations.shape[2], rotations.shape[3]
     if width > MAX_WIDTH:
         raise ValueError(f"rotation width must be at most {MAX_WIDTH} for the Triton hashing kernel, got {width}")
-    factorised = isinstance(n_buckets, tuple)
-    half1, n2 = (n_buckets[0] // 2, n_buckets[1]) if factorised else (width, 1)
+    factors = n_buckets if isinstance(n_buckets, tuple) else (2 * width,)
+    ends = [sum(f // 2 for f in factors[:i + 1]) for i in range(len(factors))] + [width, width]
+    n2, n3 = (list(factors[1:]) + [1, 1])[:2]
     out = torch.empty(b, h, n_hashes, n, dtype=torch.int32, device=qk.device)
     if out.numel() == 0:
         return out.to(dtype)
@@ -98,5 +102,6 @@ def hash_buckets(qk: Tensor, rotations: Tensor, n_buckets: Optional[Union[int, t
     rot = rotations.to(torch.float32).contiguous()
     block_w = max(16, triton.next_power_of_2(width))
     _LAUNCHER.run(qk.dtype, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b * h), qk_c, rot, out, n, h, d,
-                  n_hashes, width, half1, n2, FACTORISED=factorised, BLOCK_D=head_block("qk", d), BLOCK_W=block_w)
+                  n_hashes, width, ends[0], ends[1], n2, n3, N_FACTORS=len(factors), BLOCK_D=head_block("qk", d),
+                  BLOCK_W=block_w)
     return out if dtype == torch.int32 else out.to(dtype)

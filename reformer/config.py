@@ -36,8 +36,9 @@ class ReformerConfig:
         attention: ``"lsh"`` (``LSHSelfAttention``) or ``"full"`` (``MultiHeadAttention``).
         bucket_size, n_hashes: LSH chunk length and hash rounds (used when attention="lsh").
         n_buckets: the LSH hashing scheme, fixed for the model's lifetime so that a saved model
-            keeps its behaviour: an even int (plain hashing into that many buckets) or a pair
-            ``(n1, n2)`` of even ints (factorised hashing, bucket ``b1 * n2 + b2``). None resolves
+            keeps its behaviour: an even int (plain hashing into that many buckets) or a tuple
+            ``(n1, n2)`` / ``(n1, n2, n3)`` of even ints (factorised hashing, bucket ``b1 * n2 + b2``
+            / ``(b1 * n2 + b2) * n3 + b3``). None resolves
             at construction to ``reformer.kernels.default_n_buckets(max_seq_len, bucket_size)``
             and the resolved value is stored. The bucket count never depends on the input
             length, so a position's hash does not change as a sequence grows.
@@ -79,7 +80,7 @@ class ReformerConfig:
     attention: str = "lsh"
     bucket_size: int = 64
     n_hashes: int = 4
-    n_buckets: Optional[Union[int, tuple[int, int]]] = None
+    n_buckets: Optional[Union[int, tuple[int, ...]]] = None
     causal_mode: str = "chunk"
     causal: bool = True
     reversible: bool = True
@@ -147,16 +148,19 @@ class ReformerConfig:
         return cls(**{**PRESETS[name], **overrides})
 
 
-def check_n_buckets(n_buckets: object) -> Union[int, tuple[int, int]]:
-    """``n_buckets`` is an even int >= 2, or a pair (list or tuple) of them; returns an int or
-    a tuple. Raises ``TypeError`` for non-integers and ``ValueError`` for bad values."""
+def check_n_buckets(n_buckets: object) -> Union[int, tuple[int, ...]]:
+    """``n_buckets`` is an even int >= 2, or a list or tuple of 2 or 3 of them (factorised
+    hashing); returns an int or a tuple. Raises ``TypeError`` for non-integers and ``ValueError``
+    for bad values."""
     parts = tuple(n_buckets) if isinstance(n_buckets, (tuple, list)) else (n_buckets,)
-    if isinstance(n_buckets, (tuple, list)) and len(parts) != 2:
-        raise ValueError(f"n_buckets must be an even int or a pair (n1, n2) of even ints, got {n_buckets!r}")
+    if isinstance(n_buckets, (tuple, list)) and not 2 <= len(parts) <= 3:
+        raise ValueError(f"n_buckets must be an even int or a tuple of 2 or 3 even ints (n1, n2[, n3]), "
+                         f"got {n_buckets!r}")
     for part in parts:
         if not isinstance(part, int) or isinstance(part, bool):
-            raise TypeError(f"n_buckets must be an even int or a pair (n1, n2) of even ints, got {n_buckets!r}")
+            raise TypeError(f"n_buckets must be an even int or a tuple of 2 or 3 even ints (n1, n2[, n3]), "
+                            f"got {n_buckets!r}")
         if part < 2 or part % 2:
             raise ValueError(f"n_buckets entries must be even ints >= 2 (buckets come in +/- pairs), "
                              f"got {n_buckets!r}")
-    return parts if len(parts) == 2 else parts[0]
+    return parts if len(parts) > 1 else parts[0]

@@ -73,8 +73,8 @@ class EncDecConfig:
     attention: str = "lsh"
     bucket_size: int = 64
     n_hashes: int = 4
-    src_n_buckets: Optional[Union[int, tuple[int, int]]] = None
-    tgt_n_buckets: Optional[Union[int, tuple[int, int]]] = None
+    src_n_buckets: Optional[Union[int, tuple[int, ...]]] = None
+    tgt_n_buckets: Optional[Union[int, tuple[int, ...]]] = None
     axial_shape: Optional[tuple[int, ...]] = None
     ff_chunks: int = 1
     reversible: bool = True

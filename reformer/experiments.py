@@ -55,7 +55,7 @@ def duplication_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-heads", type=int, default=4)
     p.add_argument("--depth", type=int, default=1)
     p.add_argument("--bucket-size", type=int, default=8, help="LSH chunk length (full: seq_len)")
-    p.add_argument("--n-buckets", type=parse_n_buckets, default=None, metavar="N|N1xN2",
+    p.add_argument("--n-buckets", type=parse_n_buckets, default=None, metavar="N|N1xN2[xN3]",
                    help="LSH buckets per round of the LSH models (even int, N1xN2 = factorised, auto)")
     p.add_argument("--causal-mode", choices=("bucket", "chunk"), default="chunk", help="causal LSH mode")
     p.add_argument("--train-hashes", type=_ints, default=(1, 2, 4), help="LSH models to train")

@@ -33,7 +33,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-NBuckets = Union[int, tuple[int, int]]
+NBuckets = Union[int, tuple[int, ...]]
 
 
 class _Buffers:

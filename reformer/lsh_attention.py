@@ -6,7 +6,7 @@ constructor prefix, call signature, defaults (``batch_first=False``) and return 
 ``nn.TransformerEncoderLayer.self_attn``).
 
 Hashing scheme: ``n_buckets`` (None = the kernels' automatic rule from the input length; an
-even int = plain hashing; ``(n1, n2)`` = factorised hashing) and, for causal attention,
+even int = plain hashing; ``(n1, n2)`` or ``(n1, n2, n3)`` = factorised hashing) and, for causal attention,
 ``causal_mode`` (``"chunk"``, the default: the paper's chunked look-back; ``"bucket"``: per round
 the most recent ``bucket_size`` positions of a query's own bucket, no look-ahead, exact cached
 decoding).
@@ -271,7 +271,7 @@ class LSHSelfAttention(_SharedQKAttention):
         seed: fixed rotations in eval mode (training always draws fresh ones).
         backend: ``reformer.kernels`` backend (``"auto"``, ``"torch"``, ``"triton"``).
         bias: whether the three projections have a bias.
-        n_buckets: None (automatic from the input length), an even int, or a pair ``(n1, n2)``
+        n_buckets: None (automatic from the input length), an even int, or a tuple ``(n1, n2)`` / ``(n1, n2, n3)``
             of even ints (factorised hashing). Fix it when outputs must not depend on the
             length through the bucket count (cached decoding needs a fixed count).
         causal_mode: ``"chunk"`` (default; the paper's chunked look-back) or ``"bucket"`` (no

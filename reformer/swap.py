@@ -123,7 +123,7 @@ def swap_attention(
     seed: Optional[int] = 0,
     include: Union[str, Sequence[str], None] = None,
     exclude: Union[str, Sequence[str], None] = None,
-    n_buckets: Union[int, tuple[int, int], None] = None,
+    n_buckets: Union[int, tuple[int, ...], None] = None,
     causal_mode: str = "chunk",
 ) -> SwapReport:
     """Replace, in place, each self-attention ``nn.MultiheadAttention`` of ``model`` by

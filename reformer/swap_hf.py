@@ -49,7 +49,7 @@ class LSHSettings:
     bucket_size: int
     n_hashes: int
     seed: Optional[int]
-    n_buckets: Any = None  # None, an int or a pair (n1, n2)
+    n_buckets: Any = None  # None, an int or a tuple of 2 or 3 factors
     causal_mode: str = "chunk"
 
     def to_json(self) -> dict[str, Any]:

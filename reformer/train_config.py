@@ -53,8 +53,8 @@ class TrainConfig:
     ``text`` folder), ``max_bytes`` (text: corpus bytes read at most).
 
     Model: ``attention``, ``n_hashes``, ``bucket_size``, ``n_buckets`` (None = automatic from
-    ``seq_len`` and ``bucket_size``; an even int = plain hashing; a pair ``(n1, n2)`` =
-    factorised hashing), ``causal_mode`` (``"chunk"``, the default, or ``"bucket"``, see docs/lsh.md), ``depth``, ``d_model``, ``n_heads``,
+    ``seq_len`` and ``bucket_size``; an even int = plain hashing; a tuple ``(n1, n2)`` or
+    ``(n1, n2, n3)`` = factorised hashing), ``causal_mode`` (``"chunk"``, the default, or ``"bucket"``, see docs/lsh.md), ``depth``, ``d_model``, ``n_heads``,
     ``d_ff``, ``ff_chunks``, ``axial_shape`` (None = sinusoidal positions), ``reversible``,
     ``dropout``; see :class:`reformer.ReformerConfig` (the model is causal).
 
@@ -87,7 +87,7 @@ class TrainConfig:
     attention: str = "lsh"
     n_hashes: int = 4
     bucket_size: int = 64
-    n_buckets: Optional[Union[int, tuple[int, int]]] = None
+    n_buckets: Optional[Union[int, tuple[int, ...]]] = None
     causal_mode: str = "chunk"
     depth: int = 2
     d_model: int = 256
@@ -248,24 +248,26 @@ def _axial_shape(text: str) -> Optional[tuple[int, ...]]:
         raise argparse.ArgumentTypeError(f"must be comma-separated ints like 64,64 or 'none', got {text!r}")
 
 
-def parse_n_buckets(text: str) -> Optional[Union[int, tuple[int, int]]]:
+def parse_n_buckets(text: str) -> Optional[Union[int, tuple[int, ...]]]:
     """``--n-buckets`` text: ``auto`` (None), an even int like ``16`` (plain hashing) or
-    ``N1xN2`` like ``4x4`` (factorised hashing); the values are checked by :class:`TrainConfig`."""
+    ``N1xN2`` / ``N1xN2xN3`` like ``4x4`` (factorised hashing); the values are checked by
+    :class:`TrainConfig`."""
     if text.strip().lower() in ("auto", "none"):
         return None
     parts = text.lower().split("x")
     try:
         values = tuple(int(n) for n in parts)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an even int like 16, N1xN2 like 4x4, or 'auto', got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be an even int like 16, N1xN2 like 4x4 or N1xN2xN3, or 'auto', "
+                                         f"got {text!r}")
     if len(values) == 1:
         return values[0]
-    if len(values) == 2:
+    if len(values) in (2, 3):
         return values
-    raise argparse.ArgumentTypeError(f"must be an even int like 16, N1xN2 like 4x4, or 'auto', got {text!r}")
+    raise argparse.ArgumentTypeError(f"must be an even int like 16, N1xN2 like 4x4 or N1xN2xN3, or 'auto', got {text!r}")
 
 
-def format_n_buckets(n_buckets: Optional[Union[int, tuple[int, int]]]) -> str:
+def format_n_buckets(n_buckets: Optional[Union[int, tuple[int, ...]]]) -> str:
     """The ``--n-buckets`` text of a value (inverse of :func:`parse_n_buckets`)."""
     if n_buckets is None:
         return "auto"
@@ -322,9 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--attention", choices=ATTENTIONS, default=_d("attention"), help="attention kind")
     m.add_argument("--n-hashes", type=int, default=_d("n_hashes"), help="LSH hash rounds")
     m.add_argument("--bucket-size", type=int, default=_d("bucket_size"), help="LSH chunk length")
-    m.add_argument("--n-buckets", type=parse_n_buckets, default=None, metavar="N|N1xN2",
-                   help="LSH buckets per round: an even int (plain hashing), N1xN2 like 4x4 (factorised "
-                        "hashing, N1*N2 buckets) or auto (default: automatic from --seq-len and --bucket-size)")
+    m.add_argument("--n-buckets", type=parse_n_buckets, default=None, metavar="N|N1xN2[xN3]",
+                   help="LSH buckets per round: an even int (plain hashing), N1xN2 like 4x4 or N1xN2xN3 "
+                        "(factorised hashing, N1*N2[*N3] buckets) or auto (default: automatic from --seq-len and --bucket-size)")
     m.add_argument("--causal-mode", choices=CAUSAL_MODES, default=_d("causal_mode"),
                    help="causal LSH: bucket (never looks ahead) or chunk (chunked look-back over the sorted "
                         "order); see docs/lsh.md")

@@ -99,7 +99,7 @@ def test_compare_table_format():
 
 def test_compare_rejects_bad_schemes():
     with pytest.raises(SystemExit):
-        compare_parser().parse_args(["--dup-n-buckets", "4x4x4"])
+        compare_parser().parse_args(["--dup-n-buckets", "4x4x4x4"])
     with pytest.raises(SystemExit):
         compare_parser().parse_args(["--causal-modes", "global"])
     with pytest.raises(ValueError, match=r"n_buckets \(--n-buckets\)"):

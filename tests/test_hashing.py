@@ -25,10 +25,13 @@ def by_hand(qk, rotations, factors=None):
                     x = qk[bi, hi, i] @ rotations[hi, :, ri]  # (W,)
                     if factors is None:
                         out[bi, hi, ri, i] = int(torch.cat([x, -x]).argmax())
-                    else:
-                        x1, x2 = x[: factors[0] // 2], x[factors[0] // 2:]
-                        b1, b2 = int(torch.cat([x1, -x1]).argmax()), int(torch.cat([x2, -x2]).argmax())
-                        out[bi, hi, ri, i] = b1 * factors[1] + b2
+                    else:  # factor j's columns follow factor j-1's; ids in mixed radix
+                        bucket, col = 0, 0
+                        for f in factors:
+                            xj = x[col:col + f // 2]
+                            bucket = bucket * f + int(torch.cat([xj, -xj]).argmax())
+                            col += f // 2
+                        out[bi, hi, ri, i] = bucket
     return out
 
 
@@ -40,23 +43,27 @@ def test_plain_buckets_equal_the_definition(n_buckets):
     assert torch.equal(got, by_hand(qk, rotations))
 
 
-@pytest.mark.parametrize("factors", [(2, 2), (4, 6), (8, 2)])
+@pytest.mark.parametrize("factors", [(2, 2), (4, 6), (8, 2), (4, 6, 2), (2, 4, 6), (6, 6, 6)])
 def test_factorised_buckets_equal_the_definition(factors):
-    width = factors[0] // 2 + factors[1] // 2
-    qk, rotations = rand(2, 2, 11, 4, seed=3), rand(2, 4, 3, width, seed=4)
+    width = sum(factors) // 2
+    qk, rotations = rand(2, 2, 23, 4, seed=3), rand(2, 4, 3, width, seed=4)
     got = lsh_buckets(qk, n_buckets=factors, n_hashes=3, rotations=rotations)
     want = by_hand(qk, rotations, factors)
     assert torch.equal(got, want)
-    assert int(got.min()) >= 0 and int(got.max()) < factors[0] * factors[1]
-    # both factors vary: not a degenerate use of one of them
-    assert len((got // factors[1]).unique()) > 1 and len((got % factors[1]).unique()) > 1
+    assert int(got.min()) >= 0 and int(got.max()) < math.prod(factors)
+    # every factor's digit varies: not a degenerate use of one of them
+    for j in range(len(factors)):
+        digit = got // math.prod(factors[j + 1:]) % factors[j]
+        assert len(digit.unique()) > 1, j
 
 
 def test_hashing_in_slabs_equals_one_slab(monkeypatch):
     qk, rotations = rand(1, 2, 37, 6, seed=5), rand(2, 6, 2, 5, seed=6)
     whole = lsh_buckets(qk, n_buckets=(4, 6), n_hashes=2, rotations=rotations)
+    whole3 = lsh_buckets(qk, n_buckets=(2, 4, 4), n_hashes=2, rotations=rotations)
     monkeypatch.setattr(hashing, "HASH_SLAB_BYTES", 1)  # one position per slab
     assert torch.equal(lsh_buckets(qk, n_buckets=(4, 6), n_hashes=2, rotations=rotations), whole)
+    assert torch.equal(lsh_buckets(qk, n_buckets=(2, 4, 4), n_hashes=2, rotations=rotations), whole3)
 
 
 def test_half_inputs_hash_in_float32():
@@ -67,22 +74,24 @@ def test_half_inputs_hash_in_float32():
 
 @pytest.mark.parametrize("n,bucket_size,expected", [
     (1, 64, 2), (64, 64, 2), (65, 64, 4), (8192, 64, 256), (8193, 64, (18, 16)), (32768, 64, (32, 32)),
-    (65536, 64, (46, 46)), (1 << 20, 64, (182, 182)), (100, 1, 200), (300, 1, (26, 24)),
+    (65536, 64, (46, 46)), (131072, 64, (64, 64)), (131073, 64, (18, 16, 16)), (1 << 20, 64, (32, 32, 32)),
+    (1 << 22, 64, (52, 52, 50)), (100, 1, 200), (300, 1, (26, 24)), (5000, 1, (22, 22, 22)),
 ])
 def test_default_rule(n, bucket_size, expected):
     got = default_n_buckets(n, bucket_size)
     assert got == expected
     m = 2 * -(-n // bucket_size)
-    if isinstance(got, tuple):  # factorised beyond the threshold: at least m buckets, both factors near sqrt(m)
-        n1, n2 = got
-        assert m > hashing.FACTORISE_ABOVE and n1 * n2 >= m and n1 % 2 == 0 and n2 % 2 == 0
-        assert abs(n1 - n2) <= 2 and min(n1, n2) >= math.sqrt(m) - 2
+    if isinstance(got, tuple):  # factorised beyond the threshold: at least m buckets, factors near the root
+        k = len(got)
+        assert k == (2 if m <= hashing.THREE_FACTORS_ABOVE else 3) and m > hashing.FACTORISE_ABOVE
+        assert math.prod(got) >= m and all(f % 2 == 0 for f in got)
+        assert max(got) - min(got) <= 2 and min(got) >= m ** (1 / k) - 2
     else:
         assert got == m <= hashing.FACTORISE_ABOVE
 
 
 def test_default_rule_is_used_and_rotations_have_the_factorised_width(monkeypatch):
-    """Past the threshold lsh_attention draws (H, D, R, n1/2 + n2/2) rotations and hashes factorised."""
+    """Past the thresholds lsh_attention draws (H, D, R, sum(n_i)/2) rotations and hashes factorised."""
     seen = {}
     real = hashing.hash_buckets
 
@@ -95,6 +104,9 @@ def test_default_rule_is_used_and_rotations_have_the_factorised_width(monkeypatc
     lsh_attention(qk, qk, bucket_size=2, n_hashes=3, seed=0)  # m = 600 > 256 -> (26, 24)
     assert seen == {"shape": (2, 4, 3, 25), "n_buckets": (26, 24)}
     assert default_n_buckets(600, 2) == (26, 24)
+    qk = rand(1, 2, 2100, 4, dtype=torch.float32)
+    lsh_attention(qk, qk, bucket_size=1, n_hashes=2, seed=0)  # m = 4200 > 4096 -> three factors (18, 16, 16)
+    assert seen == {"shape": (2, 4, 2, 25), "n_buckets": (18, 16, 16)}
 
 
 @pytest.mark.parametrize("n_buckets", [4, (2, 4)])
@@ -143,8 +155,9 @@ def test_neighbour_recall_is_high_for_few_buckets_and_falls_with_more():
     (4.0, TypeError, "n_buckets must be None, an even int"),
     (True, TypeError, "n_buckets must be None, an even int"),
     ("8", TypeError, "n_buckets must be None, an even int"),
-    ((4,), ValueError, r"pair \(n1, n2\)"),
-    ((4, 4, 4), ValueError, r"pair \(n1, n2\)"),
+    ((4,), ValueError, r"2 or 3 factors"),
+    ((4, 4, 4, 4), ValueError, r"2 or 3 factors"),
+    ((4, 4, 3), ValueError, r"n_buckets\[2\] must be an even int >= 2"),
     ((3, 4), ValueError, r"n_buckets\[0\] must be an even int >= 2"),
     ((4, 0), ValueError, r"n_buckets\[1\] must be an even int >= 2"),
     ((4, 2.0), TypeError, r"n_buckets\[1\] must be an even int >= 2"),

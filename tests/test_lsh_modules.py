@@ -301,7 +301,7 @@ def test_swapped_encoder_eval_with_padding_mask_and_grad_enabled():
     (lambda: LSHSelfAttention(16, 2, causal="no"), TypeError, "causal must be a bool"),
     (lambda: LSHSelfAttention(16, 2, dropout="0.1"), TypeError, "dropout must be a float"),
     (lambda: LSHSelfAttention(16, 2, n_buckets=5), ValueError, "n_buckets entries must be even"),
-    (lambda: LSHSelfAttention(16, 2, n_buckets=(2, 4, 8)), ValueError, "pair"),
+    (lambda: LSHSelfAttention(16, 2, n_buckets=(2, 4, 8, 2)), ValueError, "tuple of 2 or 3"),
     (lambda: LSHSelfAttention(16, 2, n_buckets=8.0), TypeError, "n_buckets must be an even int"),
     (lambda: LSHSelfAttention(16, 2, causal_mode="window"), ValueError, "causal_mode must be one of"),
     (lambda: LSHMultiheadAttention(16, 2, batch_first="yes"), TypeError, "batch_first must be a bool"),

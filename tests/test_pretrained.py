@@ -15,6 +15,7 @@ TINY = dict(vocab_size=32, d_model=32, n_heads=4, depth=2, d_ff=64, max_seq_len=
 
 @pytest.mark.parametrize("overrides", [
     dict(attention="lsh", axial_shape=(6, 8), seed=3, n_buckets=(2, 4)),
+    dict(attention="lsh", seed=4, n_buckets=(2, 4, 2)),
     dict(attention="lsh", seed=5, causal_mode="chunk", reversible=False),
     dict(attention="full"),
 ])

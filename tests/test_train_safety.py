@@ -235,7 +235,7 @@ def test_finished_run_exports_the_model(tmp_path):
         run(config)
 
 
-@pytest.mark.parametrize("text, value", [("16", 16), ("4x4", (4, 4)), ("2X8", (2, 8)), ("auto", None)])
+@pytest.mark.parametrize("text, value", [("16", 16), ("4x4", (4, 4)), ("2X8", (2, 8)), ("2x4x6", (2, 4, 6)), ("auto", None)])
 def test_n_buckets_option_parses_plain_factorised_and_auto(text, value):
     config = _config("runs/x", "--n-buckets", text, "--attention", "lsh", "--bucket-size", "4")
     assert config.n_buckets == value
@@ -244,7 +244,7 @@ def test_n_buckets_option_parses_plain_factorised_and_auto(text, value):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--n-buckets", "4x4x4"], "argument --n-buckets: must be an even int like 16, N1xN2 like 4x4"),
+    (["--n-buckets", "4x4x4x4"], "argument --n-buckets: must be an even int like 16, N1xN2 like 4x4"),
     (["--n-buckets", "abc"], "argument --n-buckets: must be an even int like 16"),
     (["--n-buckets", "6x3"], "n_buckets (--n-buckets): n_buckets entries must be even ints >= 2"),
     (["--n-buckets", "0"], "n_buckets (--n-buckets): n_buckets entries must be even ints >= 2"),
@@ -263,9 +263,10 @@ def test_lsh_scheme_validation_in_python():
         TrainConfig(n_buckets=8.0)
     with pytest.raises(ValueError, match=r"n_buckets \(--n-buckets\).*even ints >= 2"):
         TrainConfig(n_buckets=(4, 3))
-    with pytest.raises(ValueError, match=r"n_buckets \(--n-buckets\).*pair"):
-        TrainConfig(n_buckets=(2, 2, 2))
+    with pytest.raises(ValueError, match=r"n_buckets \(--n-buckets\).*tuple of 2 or 3"):
+        TrainConfig(n_buckets=(2, 2, 2, 2))
     assert TrainConfig(n_buckets=[4, 2]).n_buckets == (4, 2)
+    assert TrainConfig(n_buckets=[4, 2, 6]).n_buckets == (4, 2, 6)
     assert TrainConfig().causal_mode == "chunk" and TrainConfig().n_buckets is None
 
 

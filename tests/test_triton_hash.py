@@ -1,5 +1,5 @@
 """kernels/triton_hash.py under TRITON_INTERPRET=1: equal to the torch hashing (plain and
-factorised), and one kernel launch per call whatever N."""
+factorised into two or three factors), and one kernel launch per call whatever N."""
 from __future__ import annotations
 
 import pytest
@@ -13,7 +13,8 @@ pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("one_thread")]
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n,d,n_hashes,n_buckets", [(1, 16, 2, 4), (7, 32, 3, 6), (100, 64, 2, 64),
-                                                     (100, 16, 2, (8, 6)), (129, 48, 1, (4, 16))])
+                                                     (100, 16, 2, (8, 6)), (129, 48, 1, (4, 16)),
+                                                     (100, 16, 2, (4, 6, 8)), (65, 32, 3, (8, 2, 4))])
 def test_triton_hashing_equals_torch_hashing(dtype, n, d, n_hashes, n_buckets):
     gen = torch.Generator().manual_seed(0)
     qk = torch.randn(2, 3, n, d, generator=gen).to(dtype)
