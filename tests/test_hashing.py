@@ -123,7 +123,7 @@ def test_given_rotations_equal_seeded_and_global_rng_rotations(n_buckets):
     assert torch.equal(first, run(rotations=drawn))  # global RNG: the same draw as torch.randn
 
 
-@pytest.mark.parametrize("n_buckets", [2, (2, 2), (4, 2)])
+@pytest.mark.parametrize("n_buckets", [2, (2, 2), (4, 2), (2, 4, 2)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_one_chunk_equals_full_attention_with_either_scheme(n_buckets, causal):
     n = 23
