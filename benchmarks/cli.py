@@ -108,6 +108,36 @@ def _model_options(p: argparse.ArgumentParser, with_providers: bool = True) -> N
                             + ", ".join(model.PROVIDERS))
 
 
+def parse_hashing_entry(text: str) -> tuple:
+    """``--hashing`` entry ``N:N1xN2[:N1xN2xN3...]`` (a plain bucket count, then factorisations
+    with that product) as ``(N, (n1, n2), ...)``."""
+    try:
+        plain, *factorisations = text.split(":")
+        entry = (int(plain), *(tuple(int(f) for f in part.lower().split("x")) for part in factorisations))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must look like 512:16x32:8x8x8, got {text!r}")
+    if not factorisations:
+        raise argparse.ArgumentTypeError(f"must name at least one factorisation, like 512:16x32, got {text!r}")
+    try:
+        quality.check_hashing([entry])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+    return entry
+
+
+def _quality_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("quality")
+    g.add_argument("--seq-len", type=int, metavar="N", help="sequence length N")
+    g.add_argument("--quality-sweeps", nargs="+", choices=quality.SWEEPS, metavar="SWEEP",
+                   help="which sweeps: n_hashes, hashing (default: both)")
+    g.add_argument("--hashing", type=parse_hashing_entry, nargs="+", metavar="N:N1xN2[:N1xN2xN3]",
+                   help="the hashing sweep's bucket counts and factorisations, e.g. 4096:64x64:16x16x16 (default: "
+                        + " ".join(f"{n}:" + ":".join("x".join(map(str, f)) for f in fs)
+                                   for n, *fs in quality.HASHING_PAIRS) + ")")
+    g.add_argument("--hashing-n-hashes", type=int, metavar="H",
+                   help=f"hash rounds of the hashing sweep (default: {quality.HASHING_N_HASHES})")
+
+
 def _selected_command(argv: Sequence[str]) -> Optional[str]:
     return next((a for a in argv if not a.startswith("-")), None)
 
@@ -129,6 +159,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                                        "plain vs factorised hashing",
                        description=quality.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(q)
+    _quality_options(q)
     al = sub.add_parser("all", help="attention, model and quality in turn (make bench / make bench-quick)")
     _common(al)
     al.add_argument("--providers", nargs="+", metavar="NAME",
@@ -172,7 +203,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if getattr(args, "external", None) is not None:
         return args
     for name in ("lengths", "n_hashes", "depths", "batch", "heads", "head_dim", "bucket_size", "repeats",
-                 "timeout", "max_call_s", "max_mem_gib", "threads"):
+                 "timeout", "max_call_s", "max_mem_gib", "threads", "seq_len", "hashing_n_hashes"):
         _positive(parser, name, getattr(args, name, None))
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
@@ -197,10 +228,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     mdl: dict[str, Any] = {"depths": tuple(args.depths)} if get("depths") else {}
     if get("sweeps"):
         mdl["sweeps"] = tuple(args.sweeps)
+    qual: dict[str, Any] = {k: get(k) for k in ("seq_len", "hashing_n_hashes") if get(k)}
+    if get("hashing"):
+        qual["hashing"] = tuple(args.hashing)
+    if get("quality_sweeps"):
+        qual["sweeps"] = tuple(args.quality_sweeps)
     run = {k: v for k, v in (("repeats", args.repeats), ("timeout_s", args.timeout),
                              ("max_call_s", args.max_call_s)) if v}
     return dataclasses.replace(base, attention=dataclasses.replace(base.attention, **attn),
-                               model=dataclasses.replace(base.model, **mdl), **run)
+                               model=dataclasses.replace(base.model, **mdl),
+                               quality=dataclasses.replace(base.quality, **qual), **run)
 
 
 def plan(benchmark: str, s: Settings, dtype: str) -> list[Case]:
@@ -217,8 +254,11 @@ def plan(benchmark: str, s: Settings, dtype: str) -> list[Case]:
             cases.append(model.long_case(m.long_len, m.long_axial, m.long_dims, dtype))
         return [c for c in cases if c.params["sweep"] in m.sweeps]
     q = s.quality
-    return quality.plan(q.n_hashes, q.bucket_sizes, batch=q.batch, heads=q.heads, seq_len=q.seq_len,
-                        head_dim=q.head_dim, seeds=q.seeds, top_k=q.top_k)
+    cases = quality.plan(q.n_hashes, q.bucket_sizes, batch=q.batch, heads=q.heads, seq_len=q.seq_len,
+                         head_dim=q.head_dim, seeds=q.seeds, top_k=q.top_k,
+                         hashing=quality.HASHING_PAIRS if q.hashing is None else q.hashing,
+                         hashing_n_hashes=q.hashing_n_hashes or quality.HASHING_N_HASHES)
+    return [c for c in cases if c.params["sweep"] in q.sweeps]
 
 
 def _names(case: Case) -> set[str]:
@@ -254,8 +294,9 @@ def shapes(benchmarks: Sequence[str], s: Settings) -> list[str]:
         "model": model_text,
         "quality": f"quality: B={q.batch} H={q.heads} N={q.seq_len} D={q.head_dim} bucket_size={list(q.bucket_sizes)} "
                    f"n_hashes={list(q.n_hashes)} seeds={q.seeds} top_k={q.top_k} | hashing: plain vs factorised "
-                   + ", ".join(" vs ".join([str(n)] + ["x".join(map(str, f)) for f in fs]) for n, *fs in quality.HASHING_PAIRS)
-                   + f" at bucket_size={max(q.bucket_sizes)} n_hashes={quality.HASHING_N_HASHES}",
+                   + ", ".join(" vs ".join([str(n)] + ["x".join(map(str, f)) for f in fs])
+                               for n, *fs in (quality.HASHING_PAIRS if q.hashing is None else q.hashing))
+                   + f" at bucket_size={max(q.bucket_sizes)} n_hashes={q.hashing_n_hashes or quality.HASHING_N_HASHES}",
     }
     return [text[b] for b in benchmarks]
 

@@ -115,7 +115,7 @@ def hashing_label(n_buckets: Any) -> str:
     return "factorised " + "x".join(str(n) for n in n_buckets)
 
 
-def _check_pairs(pairs: Iterable[tuple]) -> list[tuple[int, list[tuple[int, ...]]]]:
+def check_hashing(pairs: Iterable[tuple]) -> list[tuple[int, list[tuple[int, ...]]]]:
     """``(n, factors, ...)`` entries as ``(n, [factors, ...])``; every factorisation has 2 or 3
     factors whose product is ``n``."""
     checked = []
@@ -136,7 +136,7 @@ def plan(n_hashes: Iterable[int], bucket_sizes: Iterable[int], *, batch: int, he
     """The ``n_hashes`` sweep (every ``n_hashes`` x ``bucket_size``, default bucket rule) and the
     ``hashing`` sweep (each entry of ``hashing``, plain then factorised, at ``max(bucket_sizes)``
     and ``hashing_n_hashes`` rounds; empty ``hashing``: no such sweep), for both inputs."""
-    bucket_sizes, pairs = list(bucket_sizes), _check_pairs(hashing)
+    bucket_sizes, pairs = list(bucket_sizes), check_hashing(hashing)
     base = dict(batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim, dtype="float32", seeds=seeds,
                 top_k=top_k)
     cases = [Case(BENCHMARK, "lsh-torch", f"{kind} bs={bs}",

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,9 @@ class QualitySettings:
     batch: int = 1
     head_dim: int = 64
     top_k: int = 8
+    hashing: Optional[tuple] = None  # the hashing sweep's entries (None: quality.HASHING_PAIRS)
+    hashing_n_hashes: Optional[int] = None  # its rounds (None: quality.HASHING_N_HASHES)
+    sweeps: tuple[str, ...] = ("n_hashes", "hashing")
 
 
 @dataclass(frozen=True)

@@ -415,6 +415,23 @@ def test_quality_hashing_axis_compares_plain_and_factorised_at_equal_bucket_coun
     assert (tmp_path / "quality.png").stat().st_size > (tmp_path / "hashing_only.png").stat().st_size > 0
 
 
+def test_quality_command_line_chooses_length_sweeps_and_hashing_schemes(capsys):
+    args = cli.parse_args(["quality", "--quick", "--seq-len", "128", "--quality-sweeps", "hashing",
+                           "--hashing", "64:8x8:4x4x4", "256:16x16", "--hashing-n-hashes", "3"])
+    cases = cli.plan("quality", cli.settings_from_args(args), "float32")
+    assert {c.params["sweep"] for c in cases} == {"hashing"} and {c.params["seq_len"] for c in cases} == {128}
+    assert [c.params["n_buckets"] for c in cases[:5]] == [64, [8, 8], [4, 4, 4], 256, [16, 16]]
+    assert {c.params["n_hashes"] for c in cases} == {3} and len(cases) == 2 * 5
+    default = cli.plan("quality", cli.settings_from_args(cli.parse_args(["quality", "--quick"])), "float32")
+    assert {c.params["sweep"] for c in default} == {"n_hashes", "hashing"}
+    for bad in ("64:8x4", "64", "64:8x8x", "x:8x8", "64:2x2x2x8"):
+        with pytest.raises(SystemExit):
+            cli.parse_args(["quality", "--hashing", bad])
+        assert "--hashing" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.parse_args(["quality", "--seq-len", "0"])
+
+
 def test_quick_quality_preset_stays_short():
     """The hashing sweep costs about as much as the n_hashes sweep (estimated work, at most 25%
     more), and the quick preset's quality part stays planned at well under a minute."""
