@@ -220,3 +220,51 @@ def test_one_bucket_and_bucket_size_at_least_n_equals_causal_full_attention(n, p
     g = rand(*out.shape, seed=9)
     for got, want in zip(torch.autograd.grad(out, (qk, v), g), torch.autograd.grad(ref, (qk, v), g)):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+
+
+def _lm_run(model, tokens, t):
+    """Logits at positions <= t of a ReformerLM and the gradients of a loss on them w.r.t. the
+    token embeddings at positions <= t and w.r.t. every parameter."""
+    captured = []
+    hook = model.token_emb.register_forward_hook(lambda m, i, out: captured.append(out) or out.retain_grad())
+    try:
+        logits = model(tokens)[:, : t + 1]
+    finally:
+        hook.remove()
+    model.zero_grad(set_to_none=True)
+    weights = torch.linspace(-1.0, 1.0, logits.numel(), dtype=logits.dtype).view_as(logits)
+    (logits * weights).sum().backward()
+    params = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    return [logits.detach(), captured[0].grad[:, : t + 1].clone(), *params]
+
+
+@pytest.mark.parametrize("reversible", [False, True])
+def test_reformer_lm_bucket_mode_earlier_logits_and_gradients_are_bit_identical(reversible):
+    """A causal LSH ReformerLM (eval mode, seeded rotations): changing the tokens after position t
+    leaves the logits at positions <= t, and the gradients of a loss on them (w.r.t. the token
+    embeddings at positions <= t and w.r.t. every parameter), bit-identical with
+    causal_mode="bucket"; with causal_mode="chunk" some of them change (look-ahead)."""
+    from reformer import ReformerConfig, ReformerLM
+
+    n = 48
+    differs = {}
+    for mode in ("bucket", "chunk"):
+        torch.manual_seed(0)
+        config = ReformerConfig(vocab_size=32, d_model=32, n_heads=2, depth=2, d_ff=64, max_seq_len=n, bucket_size=4,
+                                n_hashes=2, ff_chunks=3, axial_shape=(6, 8), attention="lsh", causal=True,
+                                causal_mode=mode, reversible=reversible, seed=5, dropout=0.0)
+        model = ReformerLM(config).eval()
+        gen = torch.Generator().manual_seed(1)
+        tokens0 = torch.randint(0, 32, (2, n), generator=gen)
+        differs[mode] = 0
+        for t in (5, 17, 30, 46):
+            base = _lm_run(model, tokens0, t)
+            tokens1 = tokens0.clone()
+            tokens1[:, t + 1:] = torch.randint(0, 32, (2, n - t - 1), generator=gen)
+            got = _lm_run(model, tokens1, t)
+            assert len(got) == len(base)
+            same = [torch.equal(a, b) for a, b in zip(got, base)]
+            if mode == "bucket":
+                assert all(same), f"t = {t}: outputs/gradients changed: {same}"
+            differs[mode] += same.count(False)
+    assert differs["chunk"] > 0
