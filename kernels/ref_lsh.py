@@ -202,9 +202,10 @@ class _Slab:
         s = torch.bmm(q, self.windows(k_scaled).transpose(-1, -2))
         pos_q = self.pos_q.view(self.nq, rnd.bs, 1)
         pos_k = self.windows(self.pos).unsqueeze(1)  # (nq, 1, K)
-        if rnd.bucket_mode:
-            bkt_q = self.queries(self.bkt).unsqueeze(-1)
-            bad = (self.windows(self.bkt).unsqueeze(1) != bkt_q) | rnd.band_out | (pos_k < 0) | (pos_q < 0)
+        if rnd.bucket_mode:  # per slot first: a non-key gets bucket -2, a non-query -3 (never equal)
+            bkt_k = self.bkt.masked_fill(self.pos < 0, -2)
+            bkt_q = self.queries(self.bkt).masked_fill(self.pos_q.view(self.nq, rnd.bs) < 0, -3).unsqueeze(-1)
+            bad = torch.ne(self.windows(bkt_k).unsqueeze(1), bkt_q).logical_or_(rnd.band_out)
             return s.masked_fill_(bad, NEG_INF)
         s.diagonal(rnd.window - rnd.bs, -2, -1).fill_(NEG_INF)  # own position: last block's diagonal
         if rnd.causal:

@@ -414,7 +414,7 @@ def test_lsh_attention_float32_matches_torch_backend(core, b, h, n, d, bucket_si
         assert (x - y).abs().max().item() <= FP32_TOL, name
 
 
-@pytest.mark.parametrize("n,bucket_size,padded,times", [(24, 4, False, (0, 7, 15, 22)), (45, 40, True, (3, 20, 41))])
+@pytest.mark.parametrize("n,bucket_size,padded,times", [(24, 4, False, (7, 15)), (45, 40, True, (3, 41))])
 def test_bucket_mode_no_look_ahead_is_bit_identical(n, bucket_size, padded, times):
     """The Triton backend in bucket mode (aligned layout, chunk-aligned tiles, blocks at fixed
     offsets from their chunk): outputs and gradients at positions <= t are torch.equal whatever
