@@ -3,7 +3,8 @@
 Layers, from the outside in:
 
 - :func:`lsh_attention_rounds`: hash (``hashing.hash_buckets``), sort every round by
-  (bucket, position) with padding last, and run :class:`LSHAttentionFunction`.
+  (bucket, position) with padding last (in causal bucket mode, spread into the aligned layout
+  of :func:`align_buckets`), and run :class:`LSHAttentionFunction`.
 - :class:`LSHAttentionFunction`: the autograd Function. It calls only the round-level protocol
   :class:`LSHCore` (``forward_round``/``backward_round``), once per hash round, and applies the
   self rule outside the rounds (a non-padding row with no permitted key in any round gets its
@@ -43,9 +44,11 @@ REBASE_ABOVE = 2.0**20  # |max lse| beyond which backward rebases on the max (se
 class LSHCore(Protocol):
     """Round-level protocol the Function calls (docs/lsh.md, "The core seam").
 
-    qk, v, do: ``(G, N, D)`` UNSORTED rows; pos ``(G, N)`` int32 (-1 = padding); order ``(G, N)``
-    int32: the position placed at sorted slot s of group g this round; bkt ``(G, N)`` int32: the
-    bucket id of each sorted slot. ``out`` is float32 (float64 for float64 inputs); ``top``,
+    qk, v, do: ``(G, N, D)`` UNSORTED rows; pos ``(G, N)`` int32 (-1 = padding); order ``(G, S)``
+    int32: the position placed at sorted slot s of group g this round; bkt ``(G, S)`` int32: the
+    bucket id of each sorted slot. ``S = N``, or in bucket mode the aligned layout's slot count
+    (:func:`align_buckets`: a multiple of bucket_size, holes with order and bkt -1, which are no
+    row: never merged, never scattered into). ``out`` is float32 (float64 for float64 inputs); ``top``,
     ``total`` and the combined ``lse`` are float64 (a huge max logit keeps all its digits).
     """
 
@@ -187,8 +190,9 @@ def _pad(x: Tensor, n_pad: int, fill: int) -> Tensor:
 class LSHAttentionFunction(torch.autograd.Function):
     """Multi-round shared-QK LSH attention over flattened heads, generic over a round-level core.
 
-    Inputs: qk, v ``(G, N, D)``; pos ``(G, N)`` int32 (-1 = padding); order, bkt ``(R, G, N)``
-    int32 (per round: the position at each sorted slot and the slot's bucket); the round-level
+    Inputs: qk, v ``(G, N, D)``; pos ``(G, N)`` int32 (-1 = padding); order, bkt ``(R, G, S)``
+    int32 (per round: the position at each sorted slot and the slot's bucket; ``S > N`` with the
+    holes of bucket mode's aligned layout); the round-level
     core (:class:`LSHCore`); bucket_size; causal; causal_mode. Outputs: out ``(G, N, D)`` (input
     dtype) and lse ``(G, N)`` (float32, float64 for float64 inputs). Self rule: a non-padding row
     with no permitted key in any round gets out = its own v and lse ``SELF_ONLY_LSE`` (gradient

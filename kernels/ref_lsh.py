@@ -12,7 +12,11 @@ This module is both kinds of core of docs/lsh.md ("The core seam"):
   (bucket, position) and padded to ``Np``, a multiple of ``bucket_size`` (for
   ``lsh_function.SortedCoreAdapter``; the same slab code with the identity order).
 
-pos is ``-1`` for padding; bkt is the bucket id per sorted slot. Keys are
+pos is ``-1`` for padding; bkt is the bucket id per sorted slot. In bucket mode the order may be
+the aligned layout (``lsh_function.align_buckets``: ``S >= N`` slots, holes with order and bkt
+-1, treated as padding and never written back), and a row's backward gradient is added in two
+fixed parts, own chunk then look-back (:func:`_bucket_backward`), so outputs and gradients do
+not depend on where slab boundaries fall (docs/lsh.md, "Causal modes"). Keys are
 ``qk / max(||qk||, KEY_EPS)``, logits ``q.k * scale``. Permitted keys of query slot i (the own
 position never is):
 
