@@ -272,9 +272,9 @@ def _lsh_fwd_kernel(
         lo, hi = _key_segment(seg, start_m, last_q, bucket_size, n_chunks, mode, BLOCK_N)
         for start_n in range(lo, hi, BLOCK_N):
             slot_k = start_n + tl.arange(0, BLOCK_N)
-            in_k = (slot_k >= 0) & (slot_k < hi) & (slot_k < n_order)
-            row_k = _slot_rows(order_g, slot_k, in_k)
-            in_k = in_k & (row_k >= 0)
+            in_k = (slot_k < hi) & (slot_k < n_order)
+            # a hole of the aligned layout (order -1) reads row 0 and is masked by its bucket (-1)
+            row_k = tl.maximum(_slot_rows(order_g, slot_k, in_k), 0)
             x_k = _load_rows(qk_g, row_k, in_k, offs_d, head_dim, head_dim)
             v = _load_rows(v_g, row_k, in_k, offs_d, head_dim, head_dim)
             pos_k = tl.load(pos_g + row_k, mask=in_k, other=-1)
@@ -344,9 +344,9 @@ def _lsh_bwd_dq_kernel(
         lo, hi = _key_segment(seg, start_m, last_q, bucket_size, n_chunks, mode, BLOCK_N)
         for start_n in range(lo, hi, BLOCK_N):
             slot_k = start_n + tl.arange(0, BLOCK_N)
-            in_k = (slot_k >= 0) & (slot_k < hi) & (slot_k < n_order)
-            row_k = _slot_rows(order_g, slot_k, in_k)
-            in_k = in_k & (row_k >= 0)
+            in_k = (slot_k < hi) & (slot_k < n_order)
+            # a hole of the aligned layout (order -1) reads row 0 and is masked by its bucket (-1)
+            row_k = tl.maximum(_slot_rows(order_g, slot_k, in_k), 0)
             x_k = _load_rows(qk_g, row_k, in_k, offs_d, head_dim, head_dim)
             v = _load_rows(v_g, row_k, in_k, offs_d, head_dim, head_dim)
             pos_k = tl.load(pos_g + row_k, mask=in_k, other=-1)
@@ -394,8 +394,8 @@ def _lsh_bwd_dkdv_kernel(
         for start_m in range(lo, hi, BLOCK_M):
             slot_q = start_m + tl.arange(0, BLOCK_M)
             in_q = (slot_q < hi) & (slot_q < n_order)
-            row_q = _slot_rows(order_g, slot_q, in_q)
-            in_q = in_q & (row_q >= 0)
+            # a hole of the aligned layout (order -1) reads row 0 and is masked by its bucket (-1)
+            row_q = tl.maximum(_slot_rows(order_g, slot_q, in_q), 0)
             q = _load_rows(qk_g, row_q, in_q, offs_d, head_dim, head_dim)
             do = _load_rows(do_g, row_q, in_q, offs_d, head_dim, head_dim)
             pos_q = tl.load(pos_g + row_q, mask=in_q, other=-1)  # -1: row outside the segment
@@ -437,7 +437,7 @@ def _configs(half: dict[int, KernelConfig], f32: dict[int, KernelConfig]) -> dic
 
 
 FWD_CONFIGS = _configs({16: _cfg(64, 64), 32: _cfg(64, 64), 64: _cfg(64, 32), 128: _cfg(32, 32)},
-                       {16: _cfg(32, 32, 8), 32: _cfg(32, 16), 64: _cfg(32, 32), 128: _cfg(16, 32)})
+                       {16: _cfg(32, 32, 8), 32: _cfg(32, 16, 8), 64: _cfg(32, 32), 128: _cfg(16, 32)})
 DQ_CONFIGS = _configs({16: _cfg(64, 64), 32: _cfg(64, 32), 64: _cfg(32, 64), 128: _cfg(32, 32, 8)},
                       {16: _cfg(32, 32), 32: _cfg(32, 32), 64: _cfg(32, 32), 128: _cfg(16, 32, 8)})
 DKDV_CONFIGS = _configs({16: _cfg(32, 64, 8), 32: _cfg(32, 32, 8), 64: _cfg(32, 32, 8), 128: _cfg(32, 32, 8)},
