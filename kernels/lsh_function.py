@@ -3,7 +3,8 @@
 Layers, from the outside in:
 
 - :func:`lsh_attention_rounds`: hash (``hashing.hash_buckets``), sort every round by
-  (bucket, position) with padding last, and run :class:`LSHAttentionFunction`.
+  (bucket, position) with padding last (in causal bucket mode, spread into the aligned layout
+  of :func:`align_buckets`), and run :class:`LSHAttentionFunction`.
 - :class:`LSHAttentionFunction`: the autograd Function. It calls only the round-level protocol
   :class:`LSHCore` (``forward_round``/``backward_round``), once per hash round, and applies the
   self rule outside the rounds (a non-padding row with no permitted key in any round gets its
@@ -43,9 +44,11 @@ REBASE_ABOVE = 2.0**20  # |max lse| beyond which backward rebases on the max (se
 class LSHCore(Protocol):
     """Round-level protocol the Function calls (docs/lsh.md, "The core seam").
 
-    qk, v, do: ``(G, N, D)`` UNSORTED rows; pos ``(G, N)`` int32 (-1 = padding); order ``(G, N)``
-    int32: the position placed at sorted slot s of group g this round; bkt ``(G, N)`` int32: the
-    bucket id of each sorted slot. ``out`` is float32 (float64 for float64 inputs); ``top``,
+    qk, v, do: ``(G, N, D)`` UNSORTED rows; pos ``(G, N)`` int32 (-1 = padding); order ``(G, S)``
+    int32: the position placed at sorted slot s of group g this round; bkt ``(G, S)`` int32: the
+    bucket id of each sorted slot. ``S = N``, or in bucket mode the aligned layout's slot count
+    (:func:`align_buckets`: a multiple of bucket_size, holes with order and bkt -1, which are no
+    row: never merged, never scattered into). ``out`` is float32 (float64 for float64 inputs); ``top``,
     ``total`` and the combined ``lse`` are float64 (a huge max logit keeps all its digits).
     """
 
@@ -102,28 +105,41 @@ class SortedCoreAdapter:
         self.core = core
 
     def _slabs(self, qk: Tensor, order: Tensor, bucket_size: int):
-        g, n, d = qk.shape
-        n_pad = padded_length(n, bucket_size)
+        """Per slab of groups: ``g0, g1``, the slots' rows ``idx`` (``(g, S)``, holes of the
+        aligned layout sent to a spare row ``N``), their flat rows (holes: row 0 of the group),
+        the padded slot count and the hole mask (None without holes)."""
+        g, rows, d = qk.shape
+        n_pad = padded_length(order.shape[1], bucket_size)
         starts, step = _group_slabs(g, n_pad, d, max(4, qk.element_size()))
         for g0 in starts:
             g1 = min(g, g0 + step)
             idx = order[g0:g1].long()
-            flat = (idx + torch.arange(g0, g1, device=qk.device).mul_(n).unsqueeze(-1)).reshape(-1)
-            yield g0, g1, idx, flat, n_pad
+            hole = idx < 0
+            if not bool(hole.any()):
+                hole = None
+            base = torch.arange(g0, g1, device=qk.device).mul_(rows).unsqueeze(-1)
+            flat = ((idx if hole is None else idx.clamp_min(0)) + base).reshape(-1)
+            if hole is not None:
+                idx = idx.masked_fill(hole, rows)
+            yield g0, g1, idx, flat, n_pad, hole
 
     def forward_round(self, qk: Tensor, v: Tensor, pos: Tensor, order: Tensor, bkt: Tensor, out: Tensor,
                       top: Tensor, total: Tensor, *, bucket_size: int, causal: bool, causal_mode: str,
                       scale: float) -> None:
-        g, n, d = qk.shape
-        for g0, g1, idx, flat, n_pad in self._slabs(qk, order, bucket_size):
+        g, rows, d = qk.shape
+        n = order.shape[1]  # slots (more than rows with the aligned layout's holes)
+        for g0, g1, idx, flat, n_pad, hole in self._slabs(qk, order, bucket_size):
             gs = g1 - g0
+            pos_s = _gather(pos, flat, gs, n, n_pad, -1)
+            if hole is not None:
+                pos_s[:, :n].masked_fill_(hole, -1)
             out_r, lse_r = self.core.fwd(
                 _gather(qk, flat, gs, n, n_pad, 0.0), _gather(v, flat, gs, n, n_pad, 0.0),
-                _gather(pos, flat, gs, n, n_pad, -1), _pad(bkt[g0:g1], n_pad, -1),
+                pos_s, _pad(bkt[g0:g1], n_pad, -1),
                 bucket_size=bucket_size, causal=causal, causal_mode=causal_mode, scale=scale,
             )
             lse_r = lse_r[:, :n].to(top.dtype)
-            lse_u = torch.empty_like(lse_r).scatter_(1, idx, lse_r)  # this round's lse, unsorted
+            lse_u = lse_r.new_empty(gs, rows + 1).scatter_(1, idx, lse_r)[:, :rows]  # this round's lse, unsorted
             old_top = top[g0:g1]
             new_top = torch.maximum(old_top, lse_u)
             base = new_top.masked_fill(new_top == NEG_INF, 0.0)
@@ -131,26 +147,37 @@ class SortedCoreAdapter:
             w_new = lse_u.sub_(base).exp_()  # ... and of this round
             total[g0:g1].mul_(w_old).add_(w_new)
             out[g0:g1].mul_(w_old.to(out.dtype).unsqueeze(-1))
-            weighted = out_r[:, :n].to(out.dtype).mul_(w_new.gather(1, idx).to(out.dtype).unsqueeze(-1))
-            out[g0:g1].view(-1, d).index_add_(0, flat - g0 * n, weighted.reshape(-1, d))
+            weighted = out_r[:, :n].to(out.dtype).mul_(w_new.gather(1, idx.clamp(max=rows - 1)).to(out.dtype).unsqueeze(-1))
+            local, weighted = flat - g0 * rows, weighted.reshape(-1, d)
+            if hole is not None:
+                keep = torch.nonzero(~hole.reshape(-1)).squeeze(-1)
+                local, weighted = local.index_select(0, keep), weighted.index_select(0, keep)
+            out[g0:g1].view(-1, d).index_add_(0, local, weighted)
             top[g0:g1] = new_top
 
     def backward_round(self, qk: Tensor, v: Tensor, pos: Tensor, order: Tensor, bkt: Tensor, do: Tensor,
                        lse: Tensor, delta: Tensor, dqk: Tensor, dv: Tensor, *, bucket_size: int, causal: bool,
                        causal_mode: str, scale: float) -> None:
-        g, n, d = qk.shape
-        for g0, g1, idx, flat, n_pad in self._slabs(qk, order, bucket_size):
+        g, rows, d = qk.shape
+        n = order.shape[1]
+        for g0, g1, idx, flat, n_pad, hole in self._slabs(qk, order, bucket_size):
             gs = g1 - g0
+            pos_s = _gather(pos, flat, gs, n, n_pad, -1)
+            if hole is not None:
+                pos_s[:, :n].masked_fill_(hole, -1)
             dqk_r, dv_r = self.core.bwd(
                 _gather(qk, flat, gs, n, n_pad, 0.0), _gather(v, flat, gs, n, n_pad, 0.0),
-                _gather(pos, flat, gs, n, n_pad, -1), _pad(bkt[g0:g1], n_pad, -1),
+                pos_s, _pad(bkt[g0:g1], n_pad, -1),
                 _gather(do, flat, gs, n, n_pad, 0.0), _gather(lse, flat, gs, n, n_pad, NEG_INF),
                 _gather(delta, flat, gs, n, n_pad, 0.0),
                 bucket_size=bucket_size, causal=causal, causal_mode=causal_mode, scale=scale,
             )
-            local = flat - g0 * n
+            local = flat - g0 * rows
+            keep = None if hole is None else torch.nonzero(~hole.reshape(-1)).squeeze(-1)
             for grad, grad_r in ((dqk, dqk_r), (dv, dv_r)):
-                grad[g0:g1].view(-1, d).index_add_(0, local, grad_r[:, :n].reshape(-1, d).to(grad.dtype))
+                grad_r = grad_r[:, :n].reshape(-1, d).to(grad.dtype)
+                grad[g0:g1].view(-1, d).index_add_(0, local if keep is None else local.index_select(0, keep),
+                                                   grad_r if keep is None else grad_r.index_select(0, keep))
 
 
 def _pad(x: Tensor, n_pad: int, fill: int) -> Tensor:
@@ -163,8 +190,9 @@ def _pad(x: Tensor, n_pad: int, fill: int) -> Tensor:
 class LSHAttentionFunction(torch.autograd.Function):
     """Multi-round shared-QK LSH attention over flattened heads, generic over a round-level core.
 
-    Inputs: qk, v ``(G, N, D)``; pos ``(G, N)`` int32 (-1 = padding); order, bkt ``(R, G, N)``
-    int32 (per round: the position at each sorted slot and the slot's bucket); the round-level
+    Inputs: qk, v ``(G, N, D)``; pos ``(G, N)`` int32 (-1 = padding); order, bkt ``(R, G, S)``
+    int32 (per round: the position at each sorted slot and the slot's bucket; ``S > N`` with the
+    holes of bucket mode's aligned layout); the round-level
     core (:class:`LSHCore`); bucket_size; causal; causal_mode. Outputs: out ``(G, N, D)`` (input
     dtype) and lse ``(G, N)`` (float32, float64 for float64 inputs). Self rule: a non-padding row
     with no permitted key in any round gets out = its own v and lse ``SELF_ONLY_LSE`` (gradient
@@ -239,6 +267,37 @@ def sort_rounds(buckets: Tensor, key_padding_mask: Optional[Tensor], n_total: in
     return order.to(torch.int32), bkt
 
 
+def align_buckets(order: Tensor, bkt: Tensor, bucket_size: int) -> tuple[Tensor, Tensor]:
+    """The aligned layout of ``causal_mode="bucket"`` (docs/lsh.md, "Causal modes").
+
+    order, bkt: ``(R, G, N)`` int32 from :func:`sort_rounds`. Every bucket's run of sorted
+    positions is moved to start at a slot that is a multiple of ``bucket_size``: the element of
+    rank ``r`` in its bucket goes to slot ``aligned_start(bucket) + r``, where the aligned start
+    is the previous bucket's aligned start plus its count rounded up to a multiple of
+    ``bucket_size``. The slots in between are holes: order ``-1`` and bkt ``-1``. Returns order
+    and bkt ``(R, G, S)`` int32 with ``S`` the largest slot count of any round and group, rounded
+    up to a multiple of ``bucket_size`` (holes at the end of shorter ones); ``S <= N + (number
+    of occupied buckets) * (bucket_size - 1)``. A query's row inside its chunk and the slots of
+    its keys in its window then depend only on its own bucket's history.
+    """
+    r, g, n = order.shape
+    dev = order.device
+    bk = bkt.long()
+    idx = torch.arange(n, device=dev).expand(r, g, n)
+    first = torch.ones(r, g, n, dtype=torch.bool, device=dev)
+    first[..., 1:] = bk[..., 1:] != bk[..., :-1]  # the first element of a bucket's run
+    run_start = torch.where(first, idx, 0).cummax(dim=-1).values
+    rank = idx - run_start  # rank inside the bucket
+    # at each run start, the holes after the previous run: (-count of the previous run) mod bucket_size
+    holes = torch.zeros(r, g, n, dtype=torch.long, device=dev)
+    holes[..., 1:] = torch.where(first[..., 1:], (-(rank[..., :-1] + 1)).remainder(bucket_size), 0)
+    slot = idx + holes.cumsum_(dim=-1)
+    s = padded_length(int(slot[..., -1].max()) + 1, bucket_size)
+    order_a = torch.full((r, g, s), -1, dtype=torch.int32, device=dev).scatter_(-1, slot, order)
+    bkt_a = torch.full((r, g, s), -1, dtype=torch.int32, device=dev).scatter_(-1, slot, bkt)
+    return order_a, bkt_a
+
+
 def lsh_attention_rounds(
     qk: Tensor,
     v: Tensor,
@@ -264,6 +323,8 @@ def lsh_attention_rounds(
         buckets = (hasher or hash_buckets)(qk.detach(), rotations, n_buckets, dtype=torch.int32)
         order, bkt = sort_rounds(buckets, key_padding_mask, total_buckets(n_buckets))
         del buckets
+        if causal and causal_mode == "bucket":
+            order, bkt = align_buckets(order, bkt, bucket_size)
         pos = torch.arange(n, dtype=torch.int32, device=qk.device).expand(b, h, n)
         if key_padding_mask is not None:
             pos = pos.masked_fill(key_padding_mask[:, None, :], -1)

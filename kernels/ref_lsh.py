@@ -12,7 +12,11 @@ This module is both kinds of core of docs/lsh.md ("The core seam"):
   (bucket, position) and padded to ``Np``, a multiple of ``bucket_size`` (for
   ``lsh_function.SortedCoreAdapter``; the same slab code with the identity order).
 
-pos is ``-1`` for padding; bkt is the bucket id per sorted slot. Keys are
+pos is ``-1`` for padding; bkt is the bucket id per sorted slot. In bucket mode the order may be
+the aligned layout (``lsh_function.align_buckets``: ``S >= N`` slots, holes with order and bkt
+-1, treated as padding and never written back), and a row's backward gradient is added in two
+fixed parts, own chunk then look-back (:func:`_bucket_backward`), so outputs and gradients do
+not depend on where slab boundaries fall (docs/lsh.md, "Causal modes"). Keys are
 ``qk / max(||qk||, KEY_EPS)``, logits ``q.k * scale``. Permitted keys of query slot i (the own
 position never is):
 
@@ -77,12 +81,18 @@ class _Slab:
             slots = torch.arange((c0 - 1) * bs, c1 * bs, device=dev).remainder_(rnd.n_pad)
         real = slots < rnd.n  # padding slots (>= n) read a real row but count as padding
         groups = torch.arange(g0, g1, device=dev).mul_(rnd.rows_per_group).unsqueeze(-1)
-        order = rnd.order[g0:g1]
-        self.rows = (order.index_select(1, slots.clamp(max=rnd.n - 1)).long() + groups).reshape(-1)
+        order = rnd.order[g0:g1].index_select(1, slots.clamp(max=rnd.n - 1))
+        hole = None
+        if rnd.bucket_mode:  # the aligned layout's holes (order -1): no row, pos -1, bkt -1
+            hole = order < 0
+            order = order.clamp_min(0)
+        self.rows = (order.long() + groups).reshape(-1)
         pos = rnd.pos.index_select(0, self.rows).view(g1 - g0, -1)
         padded = not bool(real.all())
         if padded:
             pos = pos.masked_fill(~real, -1)
+        if hole is not None:
+            pos.masked_fill_(hole, -1)
         if rnd.bucket_mode and c0 == 0:  # chunk 0 has no look-back in bucket mode
             pos[:, :bs] = -1
         self.pos = pos.reshape(-1)  # key role (int32)
@@ -91,6 +101,8 @@ class _Slab:
             bkt = rnd.bkt[g0:g1].index_select(1, slots.clamp(max=rnd.n - 1))
             self.bkt = (bkt.masked_fill(~real, -1) if padded else bkt).reshape(-1)
         self.pad_rows = (~real).repeat(g1 - g0) if padded else None
+        if hole is not None:
+            self.pad_rows = hole.reshape(-1) if self.pad_rows is None else self.pad_rows | hole.reshape(-1)
         self.q0 = 0 if rnd.single else 1
         self.n_chunks = self.rows.numel() // bs
         self.nq = self.n_chunks - self.q0  # query chunks
@@ -116,6 +128,14 @@ class _Slab:
             rows = queries if self.fold else [(0, bs - (pad if c0 == 0 else 0)), (bs, length - tail)]
         self.query_keep = self._index(queries, g1 - g0, length, self.q0 * bs)
         self.row_keep = self._index(rows, g1 - g0, length, 0)
+        if rnd.bucket_mode:  # rows are data-dependent (holes): keep the real query rows
+            self.query_keep = torch.nonzero(self.pos_q >= 0).squeeze(-1)
+            # look-back rows: real keys whose next local chunk is a query chunk of their group
+            lookback = self.pos[:-bs] >= 0
+            if self.multi:
+                ends = torch.arange(1, self.nq + 1, device=dev).remainder_(length // bs) == 0
+                lookback = lookback.view(self.nq, bs).masked_fill_(ends.unsqueeze(-1), False).view(-1)
+            self.lookback_keep = torch.nonzero(lookback).squeeze(-1)
 
     def _index(self, ranges: list[tuple[int, int]], groups: int, length: int, shift: int) -> Optional[Tensor]:
         """Indices ``group * length + i - shift`` for ``i`` in ``ranges`` of every group, or None
@@ -186,9 +206,10 @@ class _Slab:
         s = torch.bmm(q, self.windows(k_scaled).transpose(-1, -2))
         pos_q = self.pos_q.view(self.nq, rnd.bs, 1)
         pos_k = self.windows(self.pos).unsqueeze(1)  # (nq, 1, K)
-        if rnd.bucket_mode:
-            bkt_q = self.queries(self.bkt).unsqueeze(-1)
-            bad = (self.windows(self.bkt).unsqueeze(1) != bkt_q) | rnd.band_out | (pos_k < 0) | (pos_q < 0)
+        if rnd.bucket_mode:  # per slot first: a non-key gets bucket -2, a non-query -3 (never equal)
+            bkt_k = self.bkt.masked_fill(self.pos < 0, -2)
+            bkt_q = self.queries(self.bkt).masked_fill(self.pos_q.view(self.nq, rnd.bs) < 0, -3).unsqueeze(-1)
+            bad = torch.ne(self.windows(bkt_k).unsqueeze(1), bkt_q).logical_or_(rnd.band_out)
             return s.masked_fill_(bad, NEG_INF)
         s.diagonal(rnd.window - rnd.bs, -2, -1).fill_(NEG_INF)  # own position: last block's diagonal
         if rnd.causal:
@@ -260,11 +281,11 @@ def _forward_slabs(qk: Tensor, v: Tensor, rnd: _Round) -> Iterator[tuple[_Slab, 
 
 
 def _backward_slabs(qk: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, rnd: _Round
-                    ) -> Iterator[tuple[_Slab, Tensor, Tensor]]:
-    """Per slab: the slab and the gradients of its local rows ``(T*bs, D)`` w.r.t. qk and v
-    (look-back chunks included: ``slab.fold_lookback``, then the rows ``slab.row_keep`` of them
-    belong at ``slab.rows``). ``do``, ``lse``, ``delta`` are per unsorted row; lse is the COMBINED
-    lse (float64 used to full precision)."""
+                    ) -> Iterator[tuple[_Slab, list[tuple[Tensor, Tensor, Tensor]]]]:
+    """Per slab: the slab and its gradients w.r.t. qk and v as parts ``(rows, dqk, dv)`` to add
+    at the unsorted ``rows`` in that order (chunk mode: one part, the local rows with the
+    look-back chunk folded in; bucket mode: :func:`_bucket_backward`). ``do``, ``lse``, ``delta``
+    are per unsorted row; lse is the COMBINED lse (float64 used to full precision)."""
     d = qk.shape[-1]
     x_all, v_all, do_all = qk.reshape(-1, d), v.reshape(-1, d), do.reshape(-1, d)
     lse_all, delta_all = lse.reshape(-1), delta.reshape(-1)
@@ -283,6 +304,10 @@ def _backward_slabs(qk: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tenso
         dlt = delta_all.index_select(0, q_rows).to(rnd.dtype).mul_(factor).view(slab.nq, rnd.bs, 1)
         s = slab.logits(q, k_scaled)
         p = s.sub_(hi.view(slab.nq, rnd.bs, 1)).exp_()  # (nq, bs, K)
+        if rnd.bucket_mode:
+            yield slab, _bucket_backward(slab, x, q, k_scaled, inv, norm_ok, p, d_out, dlt,
+                                         slab.gather(v_all))
+            continue
         dv = slab.fold_windows(torch.bmm(p.transpose(-1, -2), d_out))
         ds = torch.bmm(d_out, slab.windows(slab.gather(v_all)).transpose(-1, -2)).sub_(dlt).mul_(p)
         dq = torch.bmm(ds, slab.windows(k_scaled))  # d/dq of q . (k * scale)
@@ -292,7 +317,37 @@ def _backward_slabs(qk: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tenso
         radial = torch.linalg.vecdot(k, dk).mul_(norm_ok).unsqueeze(-1)
         dqk = dk.sub_(k.mul_(radial)).mul_(inv.unsqueeze(-1))
         dqk[slab.q0 * rnd.bs:].add_(dq.view(-1, d))
-        yield slab, dqk, dv
+        rows = slab.owned(slab.rows, slab.row_keep)
+        yield slab, [(rows, slab.owned(slab.fold_lookback(dqk), slab.row_keep),
+                      slab.owned(slab.fold_lookback(dv), slab.row_keep))]
+
+
+def _chain_key(dk: Tensor, x: Tensor, inv: Tensor, norm_ok: Tensor) -> Tensor:
+    """Key gradient ``dk`` (w.r.t. unit keys) chained through ``k = x / max(||x||, KEY_EPS)``."""
+    k = x * inv.unsqueeze(-1)
+    radial = torch.linalg.vecdot(k, dk).mul_(norm_ok).unsqueeze(-1)
+    return dk.sub_(k.mul_(radial)).mul_(inv.unsqueeze(-1))
+
+
+def _bucket_backward(slab: _Slab, x: Tensor, q: Tensor, k_scaled: Tensor, inv: Tensor, norm_ok: Tensor, p: Tensor,
+                     d_out: Tensor, dlt: Tensor, v: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Bucket-mode gradients of one slab as two ordered parts ``(rows, dqk, dv)``: first each
+    row's use as a query and as a key of its own chunk's queries, then its use as a key of the
+    next chunk's queries (look-back). The caller adds them in that order, so a row's gradient is
+    ``(acc + own) + look_back`` whether or not a slab boundary falls between the two chunks
+    (docs/lsh.md, "Causal modes")."""
+    bs, d = slab.rnd.bs, x.shape[-1]
+    w_dv = torch.bmm(p.transpose(-1, -2), d_out)  # (nq, 2bs, D): look-back half, own half
+    ds = torch.bmm(d_out, slab.windows(v).transpose(-1, -2)).sub_(dlt).mul_(p)
+    dq = torch.bmm(ds, slab.windows(k_scaled))
+    w_dk = torch.bmm(ds.transpose(-1, -2), q).mul_(slab.rnd.scale)  # w.r.t. unit keys
+    own = _chain_key(w_dk[:, bs:].reshape(-1, d), x[bs:], inv[bs:], norm_ok[bs:]).add_(dq.view(-1, d))
+    back = _chain_key(w_dk[:, :bs].reshape(-1, d), x[:-bs], inv[:-bs], norm_ok[:-bs])
+    own_keep, back_keep = slab.query_keep, slab.lookback_keep
+    return [(slab.rows[bs:].index_select(0, own_keep), own.index_select(0, own_keep),
+             w_dv[:, bs:].reshape(-1, d).index_select(0, own_keep)),
+            (slab.rows[:-bs].index_select(0, back_keep), back.index_select(0, back_keep),
+             w_dv[:, :bs].reshape(-1, d).index_select(0, back_keep))]
 
 
 def _add_rows(acc: Tensor, rows: Tensor, vals: Tensor) -> None:
@@ -332,10 +387,10 @@ def backward_round(qk: Tensor, v: Tensor, pos: Tensor, order: Tensor, bkt: Tenso
     rnd = _Round(qk, pos, order, bkt, bucket_size, causal, causal_mode, scale)
     d = dqk.shape[-1]
     dqk_all, dv_all = dqk.view(-1, d), dv.view(-1, d)
-    for slab, dqk_r, dv_r in _backward_slabs(qk, v, do, lse, delta, rnd):
-        rows = slab.owned(slab.rows, slab.row_keep)
-        _add_rows(dqk_all, rows, slab.owned(slab.fold_lookback(dqk_r), slab.row_keep))
-        _add_rows(dv_all, rows, slab.owned(slab.fold_lookback(dv_r), slab.row_keep))
+    for _, parts in _backward_slabs(qk, v, do, lse, delta, rnd):
+        for rows, dqk_r, dv_r in parts:
+            _add_rows(dqk_all, rows, dqk_r)
+            _add_rows(dv_all, rows, dv_r)
 
 
 # --- sorted per-round core (rows already in sorted order) --------------------------------------
@@ -379,8 +434,8 @@ def bwd(qk: Tensor, v: Tensor, pos: Tensor, bkt: Tensor, do: Tensor, lse: Tensor
     d = qk.shape[-1]
     dqk = torch.zeros(qk.shape, dtype=rnd.dtype, device=qk.device)
     dv = torch.zeros_like(dqk)
-    for slab, dqk_r, dv_r in _backward_slabs(qk, v, do, lse, delta, rnd):
-        rows = slab.owned(slab.rows, slab.row_keep)
-        _add_rows(dqk.view(-1, d), rows, slab.owned(slab.fold_lookback(dqk_r), slab.row_keep))
-        _add_rows(dv.view(-1, d), rows, slab.owned(slab.fold_lookback(dv_r), slab.row_keep))
+    for _, parts in _backward_slabs(qk, v, do, lse, delta, rnd):
+        for rows, dqk_r, dv_r in parts:
+            _add_rows(dqk.view(-1, d), rows, dqk_r)
+            _add_rows(dv.view(-1, d), rows, dv_r)
     return dqk, dv

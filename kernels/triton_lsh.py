@@ -24,6 +24,14 @@ past the N rows of the round) and
 
 A row with no permitted key gets out 0 and lse -inf (in a merge it adds nothing).
 
+Bucket mode takes the aligned layout (``lsh_function.align_buckets``; docs/lsh.md, "Causal
+modes"): ``order``/``bkt`` may have ``S >= N`` slots per group (a multiple of bucket_size),
+holes having order -1 (no row: masked loads, pos -1, nothing stored). Its tiles are aligned to
+chunks (``cdiv(bucket_size, BLOCK)`` tiles per chunk) and stream the look-back chunk and the own
+chunk (queries: the own and the next chunk) as separate segments in blocks at fixed offsets from
+each chunk's start, so with the aligned layout every row's arithmetic is the same whatever later
+positions hash to (bit-identical no-look-ahead). Chunk mode is unchanged.
+
 Limits:
 - dtypes: float32, float16, bfloat16. Logits, softmax and accumulators are float32; float32
   uses 3xTF32 dots, float16/bfloat16 tensor-core dots with float32 intermediates split into a
@@ -52,7 +60,8 @@ through the normalisation) and dv.
 Bytes moved per call (round level, compulsory traffic; E = element size of the inputs,
 G groups of N rows, head dim D, Np = N rounded up to bucket_size, K = key slots a query block
 streams, about 2 * bucket_size + BLOCK_N in chunk mode and bucket_size + BLOCK_M in bucket
-mode, see :func:`model_bytes`):
+mode, see :func:`model_bytes`; in bucket mode read N as the aligned layout's slot count S,
+about 2N):
 
 - forward_round: queries ``G*N*D*E`` + keys and values ``2 * G*Np/BLOCK_M * K * D*E`` (re-read
   per query block; mostly from L2) + order/bkt/pos ``12 * G*N`` + accumulators read and
@@ -175,71 +184,97 @@ def _logits(q, xs_k, c_k, slot_q, slot_k, pos_q, pos_k, bkt_q, bkt_k, bucket_siz
 
 
 @triton.jit
-def _key_segment(seg, first, last, bucket_size, n_chunks, mode):
+def _tile(pid, n_slots, bucket_size, mode, BLOCK: tl.constexpr):
+    """First slot and end (exclusive) of the slots of tile ``pid``. Chunk mode: tiles of BLOCK
+    slots from slot 0. Bucket mode: tiles aligned to chunks (``cdiv(bucket_size, BLOCK)`` tiles
+    per chunk, the last one cut at the chunk's end), so every tile, and every block a tile
+    streams, sits at the same offsets relative to its chunk whatever the chunk's index: with the
+    aligned layout a row's arithmetic then depends only on its own bucket's history."""
+    per_chunk = tl.where(mode == 1, (bucket_size + BLOCK - 1) // BLOCK, 1)
+    chunk = pid // per_chunk
+    start = tl.where(mode == 1, chunk * bucket_size + (pid % per_chunk) * BLOCK, pid * BLOCK)
+    end = tl.where(mode == 1, tl.minimum(chunk * bucket_size + bucket_size, start + BLOCK),
+                   tl.minimum(start + BLOCK, n_slots))
+    return start, end
+
+
+@triton.jit
+def _key_segment(seg, first, last, bucket_size, n_chunks, mode, BLOCK_N: tl.constexpr):
     """Slots [lo, hi) of the keys seen by query slots first..last, in two segments.
 
     Chunk mode: 0 = their chunks and the chunk before the first one; 1 = the last chunk when
     they include chunk 0 and it is not already in segment 0 (wrap-around), else empty.
-    Bucket mode: 0 = slots first - bucket_size + 1 .. last - 1; 1 = empty.
+    Bucket mode (first..last inside one chunk starting at slot cs): 0 = the look-back chunk
+    from the first BLOCK_N-aligned offset that holds a key of slot ``first`` (``first -
+    bucket_size + 1``), empty for chunk 0; 1 = slots cs .. last - 1. Blocks of BLOCK_N keys are
+    streamed from lo, so they sit at fixed offsets from their chunk's start, as the key tiles of
+    the dk/dv kernel do.
     """
     c0, c1 = first // bucket_size, last // bucket_size
     wrap = (seg == 1) & (c0 == 0) & (c1 < n_chunks - 1)
     lo = tl.where(seg == 0, tl.maximum(c0 - 1, 0) * bucket_size, tl.where(wrap, (n_chunks - 1) * bucket_size, 0))
     hi = tl.where(seg == 0, (c1 + 1) * bucket_size, tl.where(wrap, n_chunks * bucket_size, 0))
-    lo = tl.where(mode == 1, tl.maximum(first - bucket_size + 1, 0), lo)
-    hi = tl.where(mode == 1, tl.where(seg == 0, last, 0), hi)
-    return lo, hi
+    cs = c0 * bucket_size
+    b_lo = tl.where(seg == 0, cs - bucket_size + ((first - cs + 1) // BLOCK_N) * BLOCK_N, cs)
+    b_hi = tl.where(seg == 0, tl.where(c0 == 0, b_lo, cs), last)
+    return tl.where(mode == 1, b_lo, lo), tl.where(mode == 1, b_hi, hi)
 
 
 @triton.jit
-def _query_segment(seg, first, last, bucket_size, n_chunks, mode):
+def _query_segment(seg, first, last, bucket_size, n_chunks, mode, BLOCK_M: tl.constexpr):
     """Slots [lo, hi) of the queries that see key slots first..last, in two segments.
 
     Chunk mode: 0 = their chunks and the chunk after the last one; 1 = chunk 0 when they
     include the last chunk and chunk 0 is not already in segment 0 (wrap-around), else empty.
-    Bucket mode: 0 = slots first + 1 .. last + bucket_size - 1; 1 = empty.
+    Bucket mode (first..last inside one chunk starting at slot cs): 0 = their chunk from the
+    first BLOCK_M-aligned offset that holds a query of slot ``first``; 1 = the next chunk up to
+    slot last + bucket_size - 1. Blocks of BLOCK_M queries are streamed from lo, so they sit at
+    fixed offsets from their chunk's start, as the query tiles of the other kernels do.
     """
     c0, c1 = first // bucket_size, last // bucket_size
     wrap = (seg == 1) & (c1 == n_chunks - 1) & (c0 > 0)
     lo = tl.where(seg == 0, c0 * bucket_size, 0)
     hi = tl.where(seg == 0, tl.minimum(c1 + 2, n_chunks) * bucket_size, tl.where(wrap, bucket_size, 0))
-    lo = tl.where(mode == 1, first + 1, lo)
-    hi = tl.where(mode == 1, tl.where(seg == 0, tl.minimum(last + bucket_size, n_chunks * bucket_size), 0), hi)
-    return lo, hi
+    cs = c0 * bucket_size
+    b_lo = tl.where(seg == 0, cs + ((first + 1 - cs) // BLOCK_M) * BLOCK_M, cs + bucket_size)
+    b_hi = tl.where(seg == 0, cs + bucket_size, tl.minimum(last + bucket_size, n_chunks * bucket_size))
+    return tl.where(mode == 1, b_lo, lo), tl.where(mode == 1, b_hi, hi)
 
 
 @triton.jit(do_not_specialize=["causal", "mode"])
 def _lsh_fwd_kernel(
     QK, V, Pos, Order, Bkt, Out, Top, Total,
-    stride_g, n_rows, n_slots, bucket_size, head_dim, scale, causal, mode,
+    stride_g, n_rows, n_order, n_slots, bucket_size, head_dim, scale, causal, mode,
     DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program per (query block, group): its queries against the keys their slots may see,
     streamed block by block through an online softmax, merged into (Out, Top, Total)."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m, end_m = _tile(tl.program_id(0), n_slots, bucket_size, mode, BLOCK_M)
     g = program_id64(1)  # int64: g * stride_g can exceed 2**31
     qk_g, v_g, pos_g = QK + g * stride_g, V + g * stride_g, Pos + g * n_rows
-    order_g, bkt_g = Order + g * n_rows, Bkt + g * n_rows
+    order_g, bkt_g = Order + g * n_order, Bkt + g * n_order
     n_chunks = n_slots // bucket_size
     offs_d = tl.arange(0, BLOCK_D)
     slot_q = start_m + tl.arange(0, BLOCK_M)
-    in_q = slot_q < n_rows
+    in_q = (slot_q < end_m) & (slot_q < n_order)
     row_q = _slot_rows(order_g, slot_q, in_q)
+    in_q = in_q & (row_q >= 0)  # a hole of the aligned layout (order -1) is no row
     q = _load_rows(qk_g, row_q, in_q, offs_d, head_dim, head_dim)
     pos_q = tl.load(pos_g + row_q, mask=in_q, other=-1)
     bkt_q = tl.load(bkt_g + slot_q, mask=in_q, other=-1)
-    last_q = tl.minimum(start_m + BLOCK_M, n_slots) - 1
+    last_q = end_m - 1
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for seg in range(0, 2):  # runtime loop: one copy of the body
-        lo, hi = _key_segment(seg, start_m, last_q, bucket_size, n_chunks, mode)
+        lo, hi = _key_segment(seg, start_m, last_q, bucket_size, n_chunks, mode, BLOCK_N)
         for start_n in range(lo, hi, BLOCK_N):
             slot_k = start_n + tl.arange(0, BLOCK_N)
-            in_k = (slot_k < hi) & (slot_k < n_rows)
-            row_k = _slot_rows(order_g, slot_k, in_k)
+            in_k = (slot_k < hi) & (slot_k < n_order)
+            # a hole of the aligned layout (order -1) reads row 0 and is masked by its bucket (-1)
+            row_k = tl.maximum(_slot_rows(order_g, slot_k, in_k), 0)
             x_k = _load_rows(qk_g, row_k, in_k, offs_d, head_dim, head_dim)
             v = _load_rows(v_g, row_k, in_k, offs_d, head_dim, head_dim)
             pos_k = tl.load(pos_g + row_k, mask=in_k, other=-1)
@@ -281,35 +316,37 @@ def _tile_grads(q, xs_k, c_k, slot_q, slot_k, pos_q, pos_k, bkt_q, bkt_k, do, v_
 @triton.jit(do_not_specialize=["causal", "mode"])
 def _lsh_bwd_dq_kernel(
     QK, V, Pos, Order, Bkt, DO, Lse, Delta, DQK,
-    stride_g, n_rows, n_slots, bucket_size, head_dim, scale, causal, mode,
+    stride_g, n_rows, n_order, n_slots, bucket_size, head_dim, scale, causal, mode,
     DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program per (query block, group): adds the query-use gradient of its rows to DQK."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m, end_m = _tile(tl.program_id(0), n_slots, bucket_size, mode, BLOCK_M)
     g = program_id64(1)  # int64: g * stride_g can exceed 2**31
     qk_g, v_g, pos_g = QK + g * stride_g, V + g * stride_g, Pos + g * n_rows
-    order_g, bkt_g = Order + g * n_rows, Bkt + g * n_rows
+    order_g, bkt_g = Order + g * n_order, Bkt + g * n_order
     n_chunks = n_slots // bucket_size
     offs_d = tl.arange(0, BLOCK_D)
     slot_q = start_m + tl.arange(0, BLOCK_M)
-    in_q = slot_q < n_rows
+    in_q = (slot_q < end_m) & (slot_q < n_order)
     row_q = _slot_rows(order_g, slot_q, in_q)
+    in_q = in_q & (row_q >= 0)  # a hole of the aligned layout (order -1) is no row
     q = _load_rows(qk_g, row_q, in_q, offs_d, head_dim, head_dim)
     do = _load_rows(DO + g * stride_g, row_q, in_q, offs_d, head_dim, head_dim)
     pos_q = tl.load(pos_g + row_q, mask=in_q, other=-1)
     bkt_q = tl.load(bkt_g + slot_q, mask=in_q, other=-1)
     lse_hi, lse_lo = lse_parts(tl.load(Lse + g * n_rows + row_q, mask=in_q, other=float("-inf")))
     delta = tl.load(Delta + g * n_rows + row_q, mask=in_q, other=0.0)
-    last_q = tl.minimum(start_m + BLOCK_M, n_slots) - 1
+    last_q = end_m - 1
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for seg in range(0, 2):  # runtime loop: one copy of the body
-        lo, hi = _key_segment(seg, start_m, last_q, bucket_size, n_chunks, mode)
+        lo, hi = _key_segment(seg, start_m, last_q, bucket_size, n_chunks, mode, BLOCK_N)
         for start_n in range(lo, hi, BLOCK_N):
             slot_k = start_n + tl.arange(0, BLOCK_N)
-            in_k = (slot_k < hi) & (slot_k < n_rows)
-            row_k = _slot_rows(order_g, slot_k, in_k)
+            in_k = (slot_k < hi) & (slot_k < n_order)
+            # a hole of the aligned layout (order -1) reads row 0 and is masked by its bucket (-1)
+            row_k = tl.maximum(_slot_rows(order_g, slot_k, in_k), 0)
             x_k = _load_rows(qk_g, row_k, in_k, offs_d, head_dim, head_dim)
             v = _load_rows(v_g, row_k, in_k, offs_d, head_dim, head_dim)
             pos_k = tl.load(pos_g + row_k, mask=in_k, other=-1)
@@ -326,37 +363,39 @@ def _lsh_bwd_dq_kernel(
 @triton.jit(do_not_specialize=["causal", "mode"])
 def _lsh_bwd_dkdv_kernel(
     QK, V, Pos, Order, Bkt, DO, Lse, Delta, DQK, DV,
-    stride_g, n_rows, n_slots, bucket_size, head_dim, scale, causal, mode,
+    stride_g, n_rows, n_order, n_slots, bucket_size, head_dim, scale, causal, mode,
     DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program per (key block, group): the key-use gradient and dv of its rows, summed over
     the queries that see them; the key-use gradient is chained through the normalisation and
     added to DQK, dv to DV."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
-    start_n = tl.program_id(0) * BLOCK_N
+    start_n, end_n = _tile(tl.program_id(0), n_slots, bucket_size, mode, BLOCK_N)
     g = program_id64(1)  # int64: g * stride_g can exceed 2**31
     qk_g, do_g, pos_g = QK + g * stride_g, DO + g * stride_g, Pos + g * n_rows
-    order_g, bkt_g = Order + g * n_rows, Bkt + g * n_rows
+    order_g, bkt_g = Order + g * n_order, Bkt + g * n_order
     n_chunks = n_slots // bucket_size
     offs_d = tl.arange(0, BLOCK_D)
     slot_k = start_n + tl.arange(0, BLOCK_N)
-    in_k = slot_k < n_rows
+    in_k = (slot_k < end_n) & (slot_k < n_order)
     row_k = _slot_rows(order_g, slot_k, in_k)
+    in_k = in_k & (row_k >= 0)  # a hole of the aligned layout (order -1) is no row
     x_k = _load_rows(qk_g, row_k, in_k, offs_d, head_dim, head_dim)
     v = _load_rows(V + g * stride_g, row_k, in_k, offs_d, head_dim, head_dim)
     pos_k = tl.load(pos_g + row_k, mask=in_k, other=-1)
     bkt_k = tl.load(bkt_g + slot_k, mask=in_k, other=-1)
     xs_k, c_k, inv_k, clamped = _scaled_keys(x_k)  # the raw tile is not needed any more
-    last_k = tl.minimum(start_n + BLOCK_N, n_slots) - 1
+    last_k = end_n - 1
 
     dkey = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)  # w.r.t. the normalised keys, before * scale
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for seg in range(0, 2):  # runtime loop: one copy of the body
-        lo, hi = _query_segment(seg, start_n, last_k, bucket_size, n_chunks, mode)
+        lo, hi = _query_segment(seg, start_n, last_k, bucket_size, n_chunks, mode, BLOCK_M)
         for start_m in range(lo, hi, BLOCK_M):
             slot_q = start_m + tl.arange(0, BLOCK_M)
-            in_q = (slot_q < hi) & (slot_q < n_rows)
-            row_q = _slot_rows(order_g, slot_q, in_q)
+            in_q = (slot_q < hi) & (slot_q < n_order)
+            # a hole of the aligned layout (order -1) reads row 0 and is masked by its bucket (-1)
+            row_q = tl.maximum(_slot_rows(order_g, slot_q, in_q), 0)
             q = _load_rows(qk_g, row_q, in_q, offs_d, head_dim, head_dim)
             do = _load_rows(do_g, row_q, in_q, offs_d, head_dim, head_dim)
             pos_q = tl.load(pos_g + row_q, mask=in_q, other=-1)  # -1: row outside the segment
@@ -398,7 +437,7 @@ def _configs(half: dict[int, KernelConfig], f32: dict[int, KernelConfig]) -> dic
 
 
 FWD_CONFIGS = _configs({16: _cfg(64, 64), 32: _cfg(64, 64), 64: _cfg(64, 32), 128: _cfg(32, 32)},
-                       {16: _cfg(32, 32, 8), 32: _cfg(32, 16), 64: _cfg(32, 32), 128: _cfg(16, 32)})
+                       {16: _cfg(32, 32, 8), 32: _cfg(32, 16, 8), 64: _cfg(32, 32), 128: _cfg(16, 32)})
 DQ_CONFIGS = _configs({16: _cfg(64, 64), 32: _cfg(64, 32), 64: _cfg(32, 64), 128: _cfg(32, 32, 8)},
                       {16: _cfg(32, 32), 32: _cfg(32, 32), 64: _cfg(32, 32), 128: _cfg(16, 32, 8)})
 DKDV_CONFIGS = _configs({16: _cfg(32, 64, 8), 32: _cfg(32, 32, 8), 64: _cfg(32, 32, 8), 128: _cfg(32, 32, 8)},
@@ -426,11 +465,18 @@ def _check_round(qk: Tensor, v: Tensor, pos: Tensor, bkt: Tensor, bucket_size: i
         raise ValueError(f"qk and v must both be (G, N, D) of one dtype, got {tuple(qk.shape)} and {tuple(v.shape)}")
     if order is None and qk.shape[1] % bucket_size != 0:
         raise ValueError(f"Np = {qk.shape[1]} must be a multiple of bucket_size = {bucket_size}")
-    for name, x in (("pos", pos), ("bkt", bkt), ("order", order)):
-        if x is not None and (x.shape != qk.shape[:2] or x.dtype != torch.int32):
-            raise ValueError(f"{name} must be int32 of shape (G, N) = {tuple(qk.shape[:2])}, got {x.dtype} {tuple(x.shape)}")
+    if pos.shape != qk.shape[:2] or pos.dtype != torch.int32:
+        raise ValueError(f"pos must be int32 of shape (G, N) = {tuple(qk.shape[:2])}, got {pos.dtype} {tuple(pos.shape)}")
+    slots = qk.shape[:2]  # the sorted slots: one per row, or (bucket mode) the aligned layout's S >= N
+    if order is not None and causal_mode == "bucket" and order.dim() == 2 and order.shape[0] == qk.shape[0] \
+            and order.shape[1] >= qk.shape[1] and order.shape[1] % bucket_size == 0:
+        slots = order.shape
+    for name, x in (("bkt", bkt), ("order", order)):
+        if x is not None and (x.shape != slots or x.dtype != torch.int32):
+            raise ValueError(f"{name} must be int32 of shape (G, S) = {tuple(slots)} (S = N, or in bucket mode a "
+                             f"multiple of bucket_size >= N), got {x.dtype} {tuple(x.shape)}")
     head_block("qk", qk.shape[2])
-    if qk.shape[1] * qk.shape[2] >= INT32_LIMIT:
+    if max(qk.shape[1], slots[1]) * qk.shape[2] >= INT32_LIMIT:
         raise ValueError(f"one group of qk must hold fewer than 2**31 elements, got N * D = {qk.shape[1] * qk.shape[2]}")
 
 
@@ -440,14 +486,23 @@ def _check_accumulator(name: str, x: Tensor, shape: tuple, dtype: torch.dtype = 
                          f"got {x.dtype} {tuple(x.shape)}")
 
 
-def _launch(launcher: Launcher, block: str, qk: Tensor, bucket_size: int, causal: bool, causal_mode: str,
-            scale: float, *tensors: Tensor) -> None:
-    """Run one LSH kernel with one program per (``block`` of slots, group); tensors are contiguous."""
+def _launch(launcher: Launcher, block: str, qk: Tensor, n_order: int, bucket_size: int, causal: bool,
+            causal_mode: str, scale: float, *tensors: Tensor) -> None:
+    """Run one LSH kernel with one program per (tile of ``block`` slots, group); tensors are
+    contiguous. ``n_order`` slots per group (more than the rows with the aligned layout's holes);
+    bucket mode has ``cdiv(bucket_size, block)`` tiles per chunk (see :func:`_tile`)."""
     g, n_rows, d = qk.shape
-    n_slots = -(-n_rows // bucket_size) * bucket_size
+    n_slots = -(-n_order // bucket_size) * bucket_size
+    mode = CAUSAL_MODES[causal_mode]
+
+    def grid(meta):
+        tiles = (n_slots // bucket_size) * triton.cdiv(bucket_size, meta[block]) if mode == 1 else \
+            triton.cdiv(n_slots, meta[block])
+        return tiles, g
+
     launcher.run(
-        qk.dtype, lambda meta: (triton.cdiv(n_slots, meta[block]), g), *tensors, n_rows * d, n_rows, n_slots,
-        bucket_size, d, float(scale), int(causal), CAUSAL_MODES[causal_mode],
+        qk.dtype, grid, *tensors, n_rows * d, n_rows, n_order, n_slots,
+        bucket_size, d, float(scale), int(causal), mode,
         DOT=dot_dtype(qk.dtype, launcher.interpreted), BLOCK_D=head_block("qk", d),
     )
 
@@ -467,7 +522,8 @@ def forward_round(qk: Tensor, v: Tensor, pos: Tensor, order: Tensor, bkt: Tensor
     _check_accumulator("top", top, tuple(qk.shape[:2]), torch.float64)
     _check_accumulator("total", total, tuple(qk.shape[:2]), torch.float64)
     qk, v, pos, order, bkt = (x.contiguous() for x in (qk, v, pos, order, bkt))
-    _launch(_FWD, "BLOCK_M", qk, bucket_size, causal, causal_mode, scale, qk, v, pos, order, bkt, out, top, total)
+    _launch(_FWD, "BLOCK_M", qk, order.shape[1], bucket_size, causal, causal_mode, scale, qk, v, pos, order, bkt, out,
+            top, total)
 
 
 def backward_round(qk: Tensor, v: Tensor, pos: Tensor, order: Tensor, bkt: Tensor, do: Tensor, lse: Tensor,
@@ -487,8 +543,8 @@ def backward_round(qk: Tensor, v: Tensor, pos: Tensor, order: Tensor, bkt: Tenso
     do = do.to(qk.dtype).contiguous()
     lse, delta = lse.double().contiguous(), delta.float().contiguous()
     args = (qk, v, pos, order, bkt, do, lse, delta, dqk)
-    _launch(_BWD_DQ, "BLOCK_M", qk, bucket_size, causal, causal_mode, scale, *args)
-    _launch(_BWD_DKDV, "BLOCK_N", qk, bucket_size, causal, causal_mode, scale, *args, dv)
+    _launch(_BWD_DQ, "BLOCK_M", qk, order.shape[1], bucket_size, causal, causal_mode, scale, *args)
+    _launch(_BWD_DKDV, "BLOCK_N", qk, order.shape[1], bucket_size, causal, causal_mode, scale, *args, dv)
 
 
 def _identity_order(qk: Tensor) -> Tensor:

@@ -396,6 +396,7 @@ E2E_CASES = [
     (2, 1, 257, 32, 16, 1, True, "chunk", True),
     (1, 2, 100, 16, 16, 2, True, "bucket", False),
     (2, 1, 7, 16, 4, 2, True, "chunk", False),
+    (1, 1, 70, 16, 68, 1, True, "bucket", True),  # bucket mode: chunks wider than the interpreter's blocks
 ]
 CORES = ["triton", "triton-rounds"]
 
@@ -411,6 +412,18 @@ def test_lsh_attention_float32_matches_torch_backend(core, b, h, n, d, bucket_si
     for name, x, y in zip(("out", "dqk", "dv"), got, want):
         assert torch.isfinite(x).all(), name
         assert (x - y).abs().max().item() <= FP32_TOL, name
+
+
+@pytest.mark.parametrize("n,bucket_size,padded,times", [(24, 4, False, (7, 15)), (45, 40, True, (3, 41))])
+def test_bucket_mode_no_look_ahead_is_bit_identical(n, bucket_size, padded, times):
+    """The Triton backend in bucket mode (aligned layout, chunk-aligned tiles, blocks at fixed
+    offsets from their chunk): outputs and gradients at positions <= t are torch.equal whatever
+    the inputs at positions > t are (docs/lsh.md, "Causal modes"); chunks narrower and wider than
+    the interpreter's blocks."""
+    from test_lsh_causal import later_changes_leave_earlier_bits
+
+    assert later_changes_leave_earlier_bits(n, bucket_size, 2, 4, torch.float32, padded=padded, backend="triton",
+                                            times=times, d=16, changes=(10,))
 
 
 LOW_PRECISION_CASES = [
