@@ -451,3 +451,16 @@ def test_attention_map_command_writes_a_png(tmp_path, capsys):
     assert "over N=12 tokens" in capsys.readouterr().out
     with pytest.raises(ValueError, match="head=4 is out of range"):
         cli.main(["attention-map", "--out", str(tmp_path), "--head", "4"])
+
+
+def test_profile_lsh_times_every_phase_and_restores_the_functions(capsys):
+    from benchmarks import profile_lsh
+    from reformer.kernels import lsh_function, ref_lsh
+
+    originals = (lsh_function.hash_buckets, lsh_function.sort_rounds, ref_lsh.forward_round, ref_lsh.backward_round)
+    t = profile_lsh.profile(200, heads=2, head_dim=16, bucket_size=8, n_hashes=2)
+    assert set(t) == {"hash", "sort", "forward rounds", "backward rounds", "forward", "total"}
+    assert all(v > 0 for v in t.values()) and t["forward rounds"] + t["backward rounds"] < t["total"]
+    assert (lsh_function.hash_buckets, lsh_function.sort_rounds, ref_lsh.forward_round,
+            ref_lsh.backward_round) == originals
+    assert profile_lsh.main(["64"]) == 0 and "N=64: total" in capsys.readouterr().out
