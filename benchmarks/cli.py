@@ -132,8 +132,7 @@ def _quality_options(p: argparse.ArgumentParser) -> None:
                    help="which sweeps: n_hashes, hashing (default: both)")
     g.add_argument("--hashing", type=parse_hashing_entry, nargs="+", metavar="N:N1xN2[:N1xN2xN3]",
                    help="the hashing sweep's bucket counts and factorisations, e.g. 4096:64x64:16x16x16 (default: "
-                        + " ".join(f"{n}:" + ":".join("x".join(map(str, f)) for f in fs)
-                                   for n, *fs in quality.HASHING_PAIRS) + ")")
+                        + " ".join(map(quality.format_hashing_entry, quality.HASHING_PAIRS)) + ")")
     g.add_argument("--hashing-n-hashes", type=int, metavar="H",
                    help=f"hash rounds of the hashing sweep (default: {quality.HASHING_N_HASHES})")
 
@@ -294,8 +293,8 @@ def shapes(benchmarks: Sequence[str], s: Settings) -> list[str]:
         "model": model_text,
         "quality": f"quality: B={q.batch} H={q.heads} N={q.seq_len} D={q.head_dim} bucket_size={list(q.bucket_sizes)} "
                    f"n_hashes={list(q.n_hashes)} seeds={q.seeds} top_k={q.top_k} | hashing: plain vs factorised "
-                   + ", ".join(" vs ".join([str(n)] + ["x".join(map(str, f)) for f in fs])
-                               for n, *fs in (quality.HASHING_PAIRS if q.hashing is None else q.hashing))
+                   + ", ".join(quality.format_hashing_entry(e, " vs ")
+                               for e in (quality.HASHING_PAIRS if q.hashing is None else q.hashing))
                    + f" at bucket_size={max(q.bucket_sizes)} n_hashes={q.hashing_n_hashes or quality.HASHING_N_HASHES}",
     }
     return [text[b] for b in benchmarks]

@@ -115,6 +115,13 @@ def hashing_label(n_buckets: Any) -> str:
     return "factorised " + "x".join(str(n) for n in n_buckets)
 
 
+def format_hashing_entry(entry: tuple, sep: str = ":") -> str:
+    """``(512, (16, 32), (8, 8, 8))`` as ``"512:16x32:8x8x8"`` (the ``--hashing`` syntax) or, with
+    ``sep=" vs "``, ``"512 vs 16x32 vs 8x8x8"``."""
+    plain, *factorisations = entry
+    return sep.join([str(plain)] + ["x".join(map(str, f)) for f in factorisations])
+
+
 def check_hashing(pairs: Iterable[tuple]) -> list[tuple[int, list[tuple[int, ...]]]]:
     """``(n, factors, ...)`` entries as ``(n, [factors, ...])``; every factorisation has 2 or 3
     factors whose product is ``n``."""

@@ -130,9 +130,7 @@ class SortedCoreAdapter:
         n = order.shape[1]  # slots (more than rows with the aligned layout's holes)
         for g0, g1, idx, flat, n_pad, hole in self._slabs(qk, order, bucket_size):
             gs = g1 - g0
-            pos_s = _gather(pos, flat, gs, n, n_pad, -1)
-            if hole is not None:
-                pos_s[:, :n].masked_fill_(hole, -1)
+            pos_s = _sorted_pos(pos, flat, gs, n, n_pad, hole)
             out_r, lse_r = self.core.fwd(
                 _gather(qk, flat, gs, n, n_pad, 0.0), _gather(v, flat, gs, n, n_pad, 0.0),
                 pos_s, _pad(bkt[g0:g1], n_pad, -1),
@@ -162,9 +160,7 @@ class SortedCoreAdapter:
         n = order.shape[1]
         for g0, g1, idx, flat, n_pad, hole in self._slabs(qk, order, bucket_size):
             gs = g1 - g0
-            pos_s = _gather(pos, flat, gs, n, n_pad, -1)
-            if hole is not None:
-                pos_s[:, :n].masked_fill_(hole, -1)
+            pos_s = _sorted_pos(pos, flat, gs, n, n_pad, hole)
             dqk_r, dv_r = self.core.bwd(
                 _gather(qk, flat, gs, n, n_pad, 0.0), _gather(v, flat, gs, n, n_pad, 0.0),
                 pos_s, _pad(bkt[g0:g1], n_pad, -1),
@@ -178,6 +174,14 @@ class SortedCoreAdapter:
                 grad_r = grad_r[:, :n].reshape(-1, d).to(grad.dtype)
                 grad[g0:g1].view(-1, d).index_add_(0, local if keep is None else local.index_select(0, keep),
                                                    grad_r if keep is None else grad_r.index_select(0, keep))
+
+
+def _sorted_pos(pos: Tensor, flat: Tensor, gs: int, n: int, n_pad: int, hole: Optional[Tensor]) -> Tensor:
+    """Positions of the sorted slots ``(gs, n_pad)``: -1 for padding slots and for holes."""
+    pos_s = _gather(pos, flat, gs, n, n_pad, -1)
+    if hole is not None:
+        pos_s[:, :n].masked_fill_(hole, -1)
+    return pos_s
 
 
 def _pad(x: Tensor, n_pad: int, fill: int) -> Tensor:

@@ -121,13 +121,6 @@ class _Slab:
         self.groups, self.length = g1 - g0, length
         tail = pad if c1 == rnd.n_chunks else 0
         self.fold = not rnd.single and c0 == 0 and c1 == rnd.n_chunks
-        if rnd.single:
-            queries = rows = [(0, bs - pad)]
-        else:
-            queries = [(bs, length - tail)]
-            rows = queries if self.fold else [(0, bs - (pad if c0 == 0 else 0)), (bs, length - tail)]
-        self.query_keep = self._index(queries, g1 - g0, length, self.q0 * bs)
-        self.row_keep = self._index(rows, g1 - g0, length, 0)
         if rnd.bucket_mode:  # rows are data-dependent (holes): keep the real query rows
             self.query_keep = torch.nonzero(self.pos_q >= 0).squeeze(-1)
             # look-back rows: real keys whose next local chunk is a query chunk of their group
@@ -136,6 +129,14 @@ class _Slab:
                 ends = torch.arange(1, self.nq + 1, device=dev).remainder_(length // bs) == 0
                 lookback = lookback.view(self.nq, bs).masked_fill_(ends.unsqueeze(-1), False).view(-1)
             self.lookback_keep = torch.nonzero(lookback).squeeze(-1)
+            return
+        if rnd.single:
+            queries = rows = [(0, bs - pad)]
+        else:
+            queries = [(bs, length - tail)]
+            rows = queries if self.fold else [(0, bs - (pad if c0 == 0 else 0)), (bs, length - tail)]
+        self.query_keep = self._index(queries, g1 - g0, length, self.q0 * bs)
+        self.row_keep = self._index(rows, g1 - g0, length, 0)
 
     def _index(self, ranges: list[tuple[int, int]], groups: int, length: int, shift: int) -> Optional[Tensor]:
         """Indices ``group * length + i - shift`` for ``i`` in ``ranges`` of every group, or None
@@ -312,10 +313,7 @@ def _backward_slabs(qk: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tenso
         ds = torch.bmm(d_out, slab.windows(slab.gather(v_all)).transpose(-1, -2)).sub_(dlt).mul_(p)
         dq = torch.bmm(ds, slab.windows(k_scaled))  # d/dq of q . (k * scale)
         dk = slab.fold_windows(torch.bmm(ds.transpose(-1, -2), q)).mul_(rnd.scale)  # w.r.t. unit keys
-        # chain through k = x / max(||x||, KEY_EPS): dx = (dk - k (k.dk)) / ||x||, or dk / KEY_EPS if clamped
-        k = x * inv.unsqueeze(-1)
-        radial = torch.linalg.vecdot(k, dk).mul_(norm_ok).unsqueeze(-1)
-        dqk = dk.sub_(k.mul_(radial)).mul_(inv.unsqueeze(-1))
+        dqk = _chain_key(dk, x, inv, norm_ok)
         dqk[slab.q0 * rnd.bs:].add_(dq.view(-1, d))
         rows = slab.owned(slab.rows, slab.row_keep)
         yield slab, [(rows, slab.owned(slab.fold_lookback(dqk), slab.row_keep),
@@ -323,7 +321,8 @@ def _backward_slabs(qk: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tenso
 
 
 def _chain_key(dk: Tensor, x: Tensor, inv: Tensor, norm_ok: Tensor) -> Tensor:
-    """Key gradient ``dk`` (w.r.t. unit keys) chained through ``k = x / max(||x||, KEY_EPS)``."""
+    """Key gradient ``dk`` (w.r.t. unit keys) chained through ``k = x / max(||x||, KEY_EPS)``:
+    ``dx = (dk - k (k.dk)) / ||x||``, or ``dk / KEY_EPS`` where the norm is clamped (in place on dk)."""
     k = x * inv.unsqueeze(-1)
     radial = torch.linalg.vecdot(k, dk).mul_(norm_ok).unsqueeze(-1)
     return dk.sub_(k.mul_(radial)).mul_(inv.unsqueeze(-1))
@@ -353,6 +352,14 @@ def _bucket_backward(slab: _Slab, x: Tensor, q: Tensor, k_scaled: Tensor, inv: T
 def _add_rows(acc: Tensor, rows: Tensor, vals: Tensor) -> None:
     """``acc[rows] += vals`` for distinct ``rows`` of a ``(R, D)`` accumulator."""
     acc.index_add_(0, rows, vals.to(acc.dtype))
+
+
+def _add_backward(dqk: Tensor, dv: Tensor, slabs: Iterator[tuple[_Slab, list[tuple[Tensor, Tensor, Tensor]]]]) -> None:
+    """Adds every slab's gradient parts ``(rows, dqk, dv)``, in order, into ``(R, D)`` views."""
+    for _, parts in slabs:
+        for rows, dqk_r, dv_r in parts:
+            _add_rows(dqk, rows, dqk_r)
+            _add_rows(dv, rows, dv_r)
 
 
 # --- round-level core (unsorted rows read through the order) -------------------------------------
@@ -386,11 +393,7 @@ def backward_round(qk: Tensor, v: Tensor, pos: Tensor, order: Tensor, bkt: Tenso
     combined ``lse (G, N)`` and ``delta = rowsum(dO * O) - dlse (G, N)`` (``lsh_function.LSHCore``)."""
     rnd = _Round(qk, pos, order, bkt, bucket_size, causal, causal_mode, scale)
     d = dqk.shape[-1]
-    dqk_all, dv_all = dqk.view(-1, d), dv.view(-1, d)
-    for _, parts in _backward_slabs(qk, v, do, lse, delta, rnd):
-        for rows, dqk_r, dv_r in parts:
-            _add_rows(dqk_all, rows, dqk_r)
-            _add_rows(dv_all, rows, dv_r)
+    _add_backward(dqk.view(-1, d), dv.view(-1, d), _backward_slabs(qk, v, do, lse, delta, rnd))
 
 
 # --- sorted per-round core (rows already in sorted order) --------------------------------------
@@ -434,8 +437,5 @@ def bwd(qk: Tensor, v: Tensor, pos: Tensor, bkt: Tensor, do: Tensor, lse: Tensor
     d = qk.shape[-1]
     dqk = torch.zeros(qk.shape, dtype=rnd.dtype, device=qk.device)
     dv = torch.zeros_like(dqk)
-    for _, parts in _backward_slabs(qk, v, do, lse, delta, rnd):
-        for rows, dqk_r, dv_r in parts:
-            _add_rows(dqk.view(-1, d), rows, dqk_r)
-            _add_rows(dv.view(-1, d), rows, dv_r)
+    _add_backward(dqk.view(-1, d), dv.view(-1, d), _backward_slabs(qk, v, do, lse, delta, rnd))
     return dqk, dv
